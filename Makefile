@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
 pretrain: $(STAMP)
-	$(PY) -m amct_torch.zoo.pretrain --all
+	$(VENV)/bin/amct-torch pretrain --all
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache lightning_logs

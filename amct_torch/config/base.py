@@ -38,6 +38,9 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}: got {value!r}; allowed: {allowed}")
 
+    def __reduce__(self):  # picklable, so errors cross process boundaries (DataLoader workers, DDP)
+        return (type(self), (self.key, self.value, self.allowed))
+
 
 def allowed(owner: str, key: str, value: Any, choices: typing.Iterable[Any]) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
@@ -52,8 +55,8 @@ def check_range(owner: str, key: str, value: float, lo: float | None = None, hi:
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
-        left = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
-        right = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+        left = "" if lo is None else f"{lo:g} {'<' if lo_open else '<='} "
+        right = "" if hi is None else f" {'<' if hi_open else '<='} {hi:g}"
         raise ConfigError(f"{owner}.{key}", value, f"{left}{key}{right}")
 
 
@@ -237,10 +240,14 @@ class Config:
 def _read_text_or_path(text_or_path: str | Path) -> str:
     if isinstance(text_or_path, Path):
         return text_or_path.read_text()
-    if "\n" not in text_or_path and len(text_or_path) < 4096:
+    stripped = text_or_path.lstrip()
+    if "\n" not in text_or_path and stripped[:1] not in ("{", "[") and len(text_or_path) < 4096:
         p = Path(text_or_path)
-        if p.suffix in {".json", ".yaml", ".yml"} or p.is_file():
-            return p.read_text()
+        try:
+            if p.suffix in {".json", ".yaml", ".yml"} or p.is_file():
+                return p.read_text()
+        except OSError:  # not a usable path (e.g. too long): it is the text itself
+            pass
     return text_or_path
 
 

@@ -79,6 +79,14 @@ class Targeting(Generic[C]):
             names[key] = self._check(f"module_name[{key!r}]", cfg)
         if isinstance(skip, str):
             raise ConfigError("Targeting.skip", skip, "a list of module names or patterns, not one string")
+        for key in skip:
+            if not isinstance(key, str) or not key:
+                raise ConfigError("Targeting.skip", key, "a module path, glob or 're:' regex")
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as err:
+                    raise ConfigError(f"Targeting.skip[{key!r}]", key, f"a valid regular expression ({err})") from None
         self.default: C | None = self._check("default", default)
         self.module_type: Mapping[str, C | None] = MappingProxyType(types_)
         self.module_name: Mapping[str, C | None] = MappingProxyType(names)

@@ -254,8 +254,8 @@ def _link(nodes: Iterable[Node]) -> list[Node]:
 def _describe(err: BaseException) -> str:
     """First line of the error plus the user's source line it came from, when the traceback shows one."""
     msg = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    torch_dir = os.path.dirname(torch.__file__)
-    ours = os.path.dirname(os.path.dirname(__file__))
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    ours = os.path.dirname(os.path.dirname(__file__)) + os.sep
     user = [f for f in traceback.extract_tb(err.__traceback__)
             if not f.filename.startswith((torch_dir, ours)) and "<" not in f.filename]
     if user:

@@ -63,6 +63,9 @@ def _why_not(model: nn.Module, bn_node: Node, graph: CapturedGraph, counts: dict
     others = [u for u in conv_node.users if u is not bn_node]
     if others:
         return conv_name, f"conv output is also used by {', '.join(repr(u) for u in others)}"
+    if "weight" not in conv._parameters or conv._forward_pre_hooks:
+        return conv_name, ("conv weight is computed by a hook or parametrization (e.g. torch.nn.utils.prune); "
+                           "make it permanent (prune.remove) before folding")
     if bn.training:
         return conv_name, "BatchNorm is in training mode; call model.eval() first (folding uses running statistics)"
     if not bn.affine:

@@ -84,7 +84,11 @@ def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs:
             continue
         wrapper = wrapper_for(m)
         if wrapper is None:
-            if isinstance(m, supported):
+            if isinstance(m, supported) and (m._forward_hooks or m._forward_pre_hooks):
+                plan.layers.append(LayerPlan(name, kind, "unsupported",
+                                             "it has forward hooks (e.g. torch.nn.utils.prune, weight_norm) that a "
+                                             "wrapper would bypass; make them permanent (prune.remove) first"))
+            elif isinstance(m, supported):
                 plan.layers.append(LayerPlan(name, kind, "unsupported",
                                              f"{kind} overrides forward; a wrapper would bypass it"))
             elif _has_own_params(m):
@@ -110,14 +114,18 @@ def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs:
     return model, plan
 
 
+_DIRECT_WEIGHT_USERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def _skip_reason(model: nn.Module, name: str, m: nn.Module, names_of: dict[int, list[str]],
                  counts: dict[str, int], graph: CapturedGraph) -> str | None:
     aliases = [n for n in names_of[id(m)] if n != name]
     if aliases:
         return f"shared: the same module is also registered as {', '.join(aliases)}"
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        return "its weights are used directly by the parent MultiheadAttention, which never calls it"
+    if isinstance(parent, _DIRECT_WEIGHT_USERS):
+        return (f"its weights are read directly by the parent {type(parent).__name__} "
+                "(fused fast path), which bypasses a wrapper")
     if graph.has_dataflow:
         calls = counts.get(name, 0)
         if calls == 0:

@@ -131,9 +131,12 @@ def _run_lazy() -> None:
 def wrapper_for(module: nn.Module) -> type[CompressedLayer] | None:
     """The wrapper class registered for ``module``'s type (or its closest registered base), or None.
 
-    A subclass that overrides ``forward`` gets no wrapper: the wrapper would bypass its custom forward.
+    A subclass that overrides ``forward``, or a module with forward hooks (``torch.nn.utils.prune``,
+    ``weight_norm``), gets no wrapper: the wrapper would bypass them.
     """
     _run_lazy()
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
     for klass in type(module).__mro__:
         if klass in _REGISTRY:
             if type(module).forward is not klass.forward:

@@ -119,7 +119,7 @@ def gpt_shakespeare(vocab_size: int, block_size: int = 128, n_layer: int = 4, n_
 
     cfg = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
-                     pad_token_id=None)
+                     pad_token_id=None, use_cache=False)
     return GPT2LMHeadModel(cfg)
 
 

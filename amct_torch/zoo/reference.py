@@ -63,10 +63,10 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
         model={}, optim={"lr": 3e-3, "weight_decay": 5e-4, "label_smoothing": 0.05},
         trainer={"max_epochs": 30}, description="MobileNetV2-style (inverted residuals, depthwise), digits 16x16"),
     "gpt_shakespeare": ReferenceSpec(
-        "gpt_shakespeare", "shakespeare", data={"block_size": 128, "batch_size": 32, "edition": "modern"},
+        "gpt_shakespeare", "shakespeare", data={"block_size": 64, "batch_size": 32, "edition": "modern"},
         model={"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.0}, optim={"lr": 3e-3, "weight_decay": 0.01},
         trainer={"max_steps": 2000, "val_check_interval": 500}, metric="test_ppl",
-        description="GPT-2 (transformers, Conv1D projections), 4 layers x 128, char-level Shakespeare"),
+        description="GPT-2 (transformers, Conv1D projections), 4 layers x 128, context 64, char-level Shakespeare"),
 }
 
 

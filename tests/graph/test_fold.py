@@ -245,3 +245,20 @@ def test_module_walk_fallback_folds_nothing_and_says_why(data_dependent_net, ima
     assert plan.warnings == ["nothing folded: capture fell back to module_walk"]
     assert isinstance(folded.bn, nn.BatchNorm2d)
     assert "warning: nothing folded" in str(plan)
+
+
+def test_conv_pruned_with_torch_prune_is_not_folded_into_a_stale_weight(randomize_bn):
+    # BUG (amct_torch/graph/fold.py, fold_conv_bn_ / _why_not): after torch.nn.utils.prune, ``conv.weight`` is a
+    # plain tensor recomputed as weight_orig * weight_mask by a forward pre-hook. fold_conv_bn_ writes the folded
+    # weight into that tensor, the BatchNorm is replaced by Identity, and the next forward recomputes the
+    # *unfolded* weight: the model silently loses the BatchNorm scaling (max error ~0.4 here).
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    prune.l1_unstructured(model[0], "weight", amount=0.3)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    folded, plan = fold_batch_norm(model, x, inplace=True)  # a pruned model cannot be deep-copied
+    with torch.no_grad():
+        assert_rel_close(folded(x), expected)

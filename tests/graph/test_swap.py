@@ -162,7 +162,7 @@ def test_linear_inside_multihead_attention_is_skipped():
     model, x = WithAttention().eval(), torch.randn(2, 5, 8)
     swapped, plan = swap_layers(model, CFG, x)
     assert plan["attn.out_proj"].action == "skip"
-    assert "used directly by the parent MultiheadAttention" in plan["attn.out_proj"].detail
+    assert "read directly by the parent MultiheadAttention" in plan["attn.out_proj"].detail
     assert plan["attn"].action == "unsupported"
     assert wrapped_names(swapped) == ["fc"]
     assert same_output(swapped, model, x)
@@ -303,3 +303,39 @@ def test_bert_all_attention_and_ffn_linears_are_wrapped_and_outputs_equal(bert):
     with torch.no_grad():
         expected = model(**inputs).last_hidden_state
         assert torch.equal(swapped(**inputs).last_hidden_state, expected)
+
+
+# -- layers that a wrapper would silently bypass ------------------------------------------------------
+def test_forward_hook_on_a_layer_still_runs_after_swap_or_the_layer_is_skipped(vector):
+    # BUG (amct_torch/graph/swap.py, swap_layers / amct_torch/nn/base.py, wrapper_for): hooks registered on the
+    # original layer (user hooks, torch.nn.utils.prune / weight_norm pre-hooks) never run once the layer is
+    # wrapped, because the wrapper calls its own op instead of the layer. The plan still says "wrap".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    model[0].register_forward_hook(lambda module, args, out: out * 0)
+    swapped, plan = swap_layers(model, CFG, vector)
+    # a skipped layer keeps its hook; a wrapped one must behave as the hooked layer did
+    assert same_output(swapped, model, vector), f"plan for the hooked layer: {plan['0']}"
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_linear_inside_transformer_encoder_layer_is_not_wrapped_in_vain():
+    # nn.TransformerEncoderLayer reads its children's weights directly on its inference fast path
+    # (torch._transformer_encoder_layer_fwd), so a wrapper's pipeline would be silently ignored: its
+    # linears are left alone and the plan says why.
+    torch.manual_seed(0)
+    model, x = EncoderBlock().eval(), torch.randn(2, 5, 8)
+    graph = capture(model, x, methods=("export",))
+    swapped, plan = swap_layers(model, CFG, graph=graph)
+    for name in ("layer.linear1", "layer.linear2"):
+        assert plan[name].action == "skip"
+        assert "read directly by the parent TransformerEncoderLayer" in plan[name].detail
+    assert not isinstance(swapped.layer.linear1, CompressedLayer)

@@ -307,3 +307,24 @@ def test_register_wrapper_rejects_a_class_that_is_not_a_compressed_layer(isolate
     with pytest.raises(TypeError, match="must subclass CompressedLayer"):
         register_wrapper(ChannelScale)(NotAWrapper)
     assert wrapper_for(ChannelScale(3)) is None
+
+
+# -- layers whose weight is recomputed by a forward pre-hook ------------------------------------------
+def test_pruned_layer_gets_no_wrapper_or_a_wrapper_that_sees_the_current_weight():
+    # BUG (amct_torch/nn/base.py, CompressedLayer.forward / wrapper_for): the wrapper never calls the original
+    # layer, so the layer's forward pre-hooks and hooks are bypassed. torch.nn.utils.prune (and weight_norm,
+    # spectral_norm) recompute ``weight`` in a pre-hook; the wrapper reads the stale tensor computed at
+    # prune time: its output diverges from the layer's once weight_orig changes, and a second backward through
+    # the wrapper fails ("Trying to backward through the graph a second time").
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    layer, x = make(lambda: nn.Linear(4, 3), (2, 4))
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    cls = wrapper_for(layer)
+    if cls is None:  # declining to wrap a hooked layer is a correct answer too
+        return
+    wrapped = cls(layer)
+    with torch.no_grad():
+        layer.weight_orig.mul_(2.0)  # e.g. an optimizer step
+        got = wrapped(x)
+        expected = F.linear(x, layer.weight_orig * layer.weight_mask, layer.bias)
+    assert torch.equal(got, expected)

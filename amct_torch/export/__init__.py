@@ -1,0 +1,16 @@
+"""Export to Huawei AMCT / ATC formats.
+
+* :func:`qdq_to_deploy` — QuantizeLinear/DequantizeLinear ONNX -> AMCT deploy ONNX (AscendQuant / int8 layer /
+  AscendDequant), with a :class:`DeployReport` of converted and kept-float layers.
+* :func:`make_reference_evaluator` — run a deploy model on the CPU with reference implementations of the Ascend ops.
+"""
+
+from .ascend_ops import (ASCEND_DOMAIN, AscendAntiQuant, AscendDequant, AscendQuant, lower_for_reference,
+                         make_reference_evaluator)
+from .deploy import (ConvertedLayer, DeployConversionError, DeployReport, UnsupportedLayer, convert_qat_model,
+                     fake_quant_from_qdq, pack_deq_param, pack_int4, qdq_to_deploy, unpack_deq_param, unpack_int4)
+
+__all__ = ["ASCEND_DOMAIN", "AscendQuant", "AscendDequant", "AscendAntiQuant", "make_reference_evaluator",
+           "lower_for_reference", "qdq_to_deploy", "DeployReport", "ConvertedLayer", "UnsupportedLayer",
+           "DeployConversionError", "pack_deq_param", "unpack_deq_param", "pack_int4", "unpack_int4",
+           "fake_quant_from_qdq", "convert_qat_model"]

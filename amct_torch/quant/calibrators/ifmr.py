@@ -1,0 +1,47 @@
+"""IFMR (AMCT's Input Feature Map Reconstruction) calibrator.
+
+1. Start from the percentile points: ``hi0`` (``max_percentile``, clamped >= 0), ``lo0``
+   (``min_percentile``, clamped <= 0).
+2. For every ratio ``r`` in ``arange(search_range[0], search_range[1], search_step)`` try the clip
+   ``hi = r * hi0`` (symmetric: also ``lo = r * lo0``; asymmetric: ``lo = lo0`` fixed) and fake-quantize
+   all observed data with it.
+3. Keep the clip with the smallest mean squared error against the original data (first one on ties).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import quant_mse
+from .percentile import PercentileCalibrator
+
+__all__ = ["IFMRCalibrator"]
+
+
+class IFMRCalibrator(PercentileCalibrator):
+    name = "ifmr"
+
+    def __init__(self, max_percentile: float = 0.999999, min_percentile: float = 0.999999,
+                 search_range: tuple[float, float] = (0.7, 1.3), search_step: float = 0.01):
+        super().__init__(max_percentile, min_percentile)
+        self.search_range, self.search_step = tuple(search_range), search_step
+        self.last_search: list[tuple[float, float]] = []
+
+    def ratios(self) -> np.ndarray:
+        start, end = self.search_range
+        return np.arange(start, end, self.search_step)
+
+    def clip_range(self, bits: int, symmetric: bool) -> tuple[float, float]:
+        lo0, hi0 = self.percentile_range()
+        data = self.store.data()
+        best, best_err = (lo0, hi0), float("inf")
+        self.last_search = []
+        for r in self.ratios():
+            lo = float(r) * lo0 if symmetric else lo0
+            hi = float(r) * hi0
+            err = quant_mse(data, lo, hi, bits, symmetric)
+            self.last_search.append((float(r), err))
+            if err < best_err:
+                best, best_err = (lo, hi), err
+        return best

@@ -1,0 +1,150 @@
+"""Quantizer modules: the activation quantizer (input/output slots) and the ARQ weight stage.
+
+Both keep their scale and offset in buffers, created when the model is prepared, so they travel in the
+``state_dict`` and a calibrated model restores exactly.
+
+``ActivationQuantizer`` has two phases. While calibrating it passes its input through unchanged and
+feeds it to its calibrator; after ``batch_num`` batches it computes scale and offset and from then on
+fake-quantizes. ``ArqWeightQuantizer`` computes per-channel (or per-tensor) symmetric scales from the
+weight's min/max (AMCT's ARQ) when the layer is prepared, and fake-quantizes the weight in the
+pipeline.
+
+For ONNX export, ``onnx_mode`` switches both to ``torch.fake_quantize_per_*_affine``, which the
+exporters turn into standard QuantizeLinear/DequantizeLinear pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import Granularity, PerChannel, PerTensor
+from .calibrators import Calibrator
+from .formulas import channel_major, channel_shape, fake_quantize, qrange, scale_offset
+
+__all__ = ["ActivationQuantizer", "ArqWeightQuantizer", "CalibrationError"]
+
+
+class CalibrationError(RuntimeError):
+    """A quantizer was asked for factors it does not have yet (too few calibration batches)."""
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor activation quantizer: calibrate for ``batch_num`` batches, then fake-quantize.
+
+    Args:
+        bits: 4, 8 or 16.
+        symmetric: offset fixed at 0 when true.
+        calibrator: the observer that picks the clip range (min/max, percentile, IFMR, HFMG, MSE).
+        batch_num: batches to observe before the factors are fixed.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, calibrator: Calibrator, batch_num: int = 1):
+        super().__init__()
+        self.bits, self.symmetric, self.batch_num = bits, symmetric, batch_num
+        self.calibrator = calibrator
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("offset", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("batches_seen", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.onnx_mode = False
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.calibrated)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_calibrated:
+            self.calibrator.observe(x)
+            self.batches_seen += 1
+            if int(self.batches_seen) >= self.batch_num:
+                self.finalize()
+            return x
+        if self.onnx_mode:
+            qmin, qmax = qrange(self.bits)
+            return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.offset), qmin, qmax)
+        return fake_quantize(x, self.scale, self.offset, self.bits)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Compute scale and offset from what the calibrator has seen; switch to fake-quantization."""
+        scale, offset = self.calibrator.compute(self.bits, self.symmetric)
+        self.scale.copy_(scale.reshape(()))
+        self.offset.copy_(offset.reshape(()))
+        self.calibrated.fill_(True)
+        self.calibrator.release()
+
+    def reset(self) -> None:
+        """Start calibration again."""
+        self.calibrator.reset()
+        self.batches_seen.zero_()
+        self.calibrated.fill_(False)
+
+    def set_factors(self, scale: float, offset: int) -> None:
+        """Load factors (e.g. from an AMCT record) and mark the quantizer calibrated."""
+        self.scale.fill_(float(scale))
+        self.offset.fill_(int(offset))
+        self.calibrated.fill_(True)
+        self.calibrator.release()
+
+    def extra_repr(self) -> str:
+        state = (f"scale={float(self.scale):.6g}, offset={int(self.offset)}" if self.is_calibrated
+                 else f"calibrating {int(self.batches_seen)}/{self.batch_num}")
+        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, {self.calibrator.name}, {state}"
+
+
+class ArqWeightQuantizer(nn.Module):
+    """ARQ weight stage: symmetric scales from the weight's per-channel (or per-tensor) min/max.
+
+    ``axis``/``groups`` describe the weight layout (the wrapper's ``weight_channel_axis``; ConvTranspose
+    groups are regrouped so that scale ``o`` belongs to output channel ``o``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int, granularity: Granularity, axis: int, groups: int = 1):
+        super().__init__()
+        if not isinstance(granularity, (PerTensor, PerChannel)):
+            raise ValueError(f"weight granularity {granularity.to_plain()!r} is not supported by ARQ "
+                             "(allowed: per_tensor, per_channel)")
+        self.bits, self.axis, self.groups = bits, axis, groups
+        self.per_channel = isinstance(granularity, PerChannel)
+        n = channel_major(weight.detach(), axis, groups).shape[0] if self.per_channel else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("offset", torch.zeros(n, dtype=torch.int32))
+        self.onnx_mode = False
+        self.calibrate(weight)
+
+    @torch.no_grad()
+    def calibrate(self, weight: torch.Tensor) -> None:
+        """ARQ: recompute the scales from ``weight`` (the pipeline's input at this stage)."""
+        w = weight.detach().float()
+        if self.per_channel:
+            rows = channel_major(w, self.axis, self.groups)
+            lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
+        else:
+            lo, hi = w.min().reshape(1), w.max().reshape(1)
+        scale, offset = scale_offset(lo, hi, self.bits, symmetric=True)
+        self.scale.copy_(scale)
+        self.offset.copy_(offset)
+
+    def broadcast(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return channel_shape(t, shape, self.axis, self.groups) if self.per_channel else t.reshape(())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.onnx_mode:
+            qmin, qmax = qrange(self.bits)
+            if not self.per_channel:
+                return torch.fake_quantize_per_tensor_affine(weight, float(self.scale), 0, qmin, qmax)
+            if self.axis == 1 and weight.dim() > 2 and self.groups > 1:
+                raise ValueError("grouped ConvTranspose weights have no per-axis ONNX form; use per_tensor weights")
+            return torch.fake_quantize_per_channel_affine(weight, self.scale, self.offset, self.axis, qmin, qmax)
+        return fake_quantize(weight, self.broadcast(self.scale, weight.shape), self.broadcast(self.offset, weight.shape),
+                             self.bits)
+
+    def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The int8 (or narrower, stored in int8) weight values the deploy model carries."""
+        qmin, qmax = qrange(self.bits)
+        s = self.broadcast(self.scale, weight.shape)
+        return torch.clamp(torch.round(weight.detach() / s), qmin, qmax).to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {'per_channel' if self.per_channel else 'per_tensor'}, channels={self.scale.numel()}"

@@ -1,0 +1,11 @@
+"""Fixtures for the export tests (helpers live in qdq_helpers.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

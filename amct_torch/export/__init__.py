@@ -14,3 +14,8 @@ __all__ = ["ASCEND_DOMAIN", "AscendQuant", "AscendDequant", "AscendAntiQuant", "
            "lower_for_reference", "qdq_to_deploy", "DeployReport", "ConvertedLayer", "UnsupportedLayer",
            "DeployConversionError", "pack_deq_param", "unpack_deq_param", "pack_int4", "unpack_int4",
            "fake_quant_from_qdq", "convert_qat_model"]
+
+from .api import ExportResult, export, record_of
+from .onnx_qdq import export_qdq_model
+
+__all__ += ["ExportResult", "export", "record_of", "export_qdq_model"]

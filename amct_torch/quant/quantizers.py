@@ -53,16 +53,23 @@ class ActivationQuantizer(nn.Module):
     def is_calibrated(self) -> bool:
         return bool(self.calibrated)
 
+    def set_onnx_mode(self, enabled: bool) -> None:
+        """Export with ``torch.fake_quantize_per_tensor_affine`` (-> QuantizeLinear/DequantizeLinear)."""
+        if enabled and not self.is_calibrated:
+            raise CalibrationError("cannot export an uncalibrated activation quantizer")
+        self.onnx_mode = enabled
+        self._onnx_factors = (float(self.scale), int(self.offset)) if enabled else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx_mode:
+            qmin, qmax = qrange(self.bits)
+            return torch.fake_quantize_per_tensor_affine(x, *self._onnx_factors, qmin, qmax)
         if not self.is_calibrated:
             self.calibrator.observe(x)
             self.batches_seen += 1
             if int(self.batches_seen) >= self.batch_num:
                 self.finalize()
             return x
-        if self.onnx_mode:
-            qmin, qmax = qrange(self.bits)
-            return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.offset), qmin, qmax)
         return fake_quantize(x, self.scale, self.offset, self.bits)
 
     @torch.no_grad()
@@ -126,6 +133,11 @@ class ArqWeightQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.offset.copy_(offset)
 
+    def set_onnx_mode(self, enabled: bool) -> None:
+        """Export with ``torch.fake_quantize_per_*_affine`` (-> QuantizeLinear/DequantizeLinear)."""
+        self.onnx_mode = enabled
+        self._onnx_scale = float(self.scale[0]) if enabled and not self.per_channel else None
+
     def broadcast(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return channel_shape(t, shape, self.axis, self.groups) if self.per_channel else t.reshape(())
 
@@ -133,7 +145,7 @@ class ArqWeightQuantizer(nn.Module):
         if self.onnx_mode:
             qmin, qmax = qrange(self.bits)
             if not self.per_channel:
-                return torch.fake_quantize_per_tensor_affine(weight, float(self.scale), 0, qmin, qmax)
+                return torch.fake_quantize_per_tensor_affine(weight, self._onnx_scale, 0, qmin, qmax)
             if self.axis == 1 and weight.dim() > 2 and self.groups > 1:
                 raise ValueError("grouped ConvTranspose weights have no per-axis ONNX form; use per_tensor weights")
             return torch.fake_quantize_per_channel_affine(weight, self.scale, self.offset, self.axis, qmin, qmax)

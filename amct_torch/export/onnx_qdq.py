@@ -1,0 +1,184 @@
+"""The fake-quant model for ONNX Runtime: standard QuantizeLinear/DequantizeLinear, named by module path.
+
+The calibrated model is exported with ``torch.onnx.export`` (the torch.export-based exporter) while its
+quantizers run ``torch.fake_quantize_per_*_affine``, which become Q/DQ pairs. Then:
+
+* weight Q/DQ pairs become an int8 initializer ``<layer>.weight`` feeding a DequantizeLinear (the
+  form onnxruntime fuses into integer kernels, and the deploy converter reads);
+* nodes are renamed from the module paths the exporter records in each node's name scopes:
+  ``<layer>`` (the Conv/Gemm/MatMul), ``<layer>.input_quant`` / ``<layer>.input_dequant``,
+  ``<layer>.weight_dequant``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from ..graph.capture import normalize_inputs
+from ..quant.ptq import quant_layers
+
+__all__ = ["export_qdq_model"]
+
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter prints progress lines and logs warnings for every model; keep the user's console clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _onnx_mode(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "set_onnx_mode"):
+            m.set_onnx_mode(enabled)
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                return list(eval(p.value, {"__builtins__": {}}))  # a Python list literal of strings
+            except Exception:  # noqa: BLE001 - metadata is best effort
+                return []
+    return []
+
+
+def _owner(scopes: list[str], layers: set[str]) -> tuple[str | None, str | None]:
+    """The wrapper a node belongs to, and its role (``input_quantizer``, ``weight_pipeline`` or ``op``)."""
+    for i in range(len(scopes) - 1, -1, -1):
+        if scopes[i] in layers:
+            rest = scopes[i + 1] if i + 1 < len(scopes) else ""
+            role = "input_quantizer" if rest.endswith(".input_quantizer") else (
+                "weight_pipeline" if ".weight_pipeline" in rest else (
+                    "output_quantizer" if rest.endswith(".output_quantizer") else "op"))
+            return scopes[i], role
+    return None, None
+
+
+def _quantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
+    if scale.size > 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    info = np.iinfo(zp.dtype)
+    q = np.rint(x / scale) + zp.astype(np.int64)
+    return np.clip(q, info.min, info.max).astype(zp.dtype)
+
+
+def _fold_weight_quant(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    """QuantizeLinear(float initializer) -> int8 initializer, so the weight is stored as integers."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    drop = []
+    for node in g.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        w = value(node.input[0])
+        scale = value(node.input[1])
+        zp = value(node.input[2]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        if w is None or scale is None or zp is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        q = _quantize_linear(w.astype(np.float32), scale.astype(np.float32), zp, axis)
+        layer = names.get(node.name)
+        new_name = f"{layer}.weight" if layer else node.output[0] + "_int"
+        g.initializer.append(numpy_helper.from_array(q, new_name))
+        for other in g.node:
+            for i, inp in enumerate(other.input):
+                if inp == node.output[0]:
+                    other.input[i] = new_name
+        drop.append(node)
+    for node in drop:
+        g.node.remove(node)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _rename(model: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
+    """Rename nodes after their layer's module path; returns ``{weight QuantizeLinear name: layer}``."""
+    weight_q: dict[str, str] = {}
+    taken: set[str] = set()
+
+    def unique(name: str) -> str:
+        out, k = name, 1
+        while out in taken:
+            k += 1
+            out = f"{name}_{k}"
+        taken.add(out)
+        return out
+
+    for node in model.graph.node:
+        layer, role = _owner(_scopes(node), layers)
+        if layer is None:
+            taken.add(node.name)
+            continue
+        if role == "op" and node.op_type in _LAYER_OPS:
+            node.name = unique(layer)
+        elif role in ("input_quantizer", "output_quantizer"):
+            kind = "input" if role == "input_quantizer" else "output"
+            node.name = unique(f"{layer}.{kind}_{'quant' if node.op_type == 'QuantizeLinear' else 'dequant'}")
+        elif role == "weight_pipeline" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.name = unique(f"{layer}.weight_{'quant' if node.op_type == 'QuantizeLinear' else 'dequant'}")
+            if node.op_type == "QuantizeLinear":
+                weight_q[node.name] = layer
+        else:
+            node.name = unique(f"{layer}.{node.op_type.lower()}")
+    return weight_q
+
+
+def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list[str] | None = None,
+                     output_names: list[str] | None = None, dynamic_axes: dict | None = None,
+                     opset_version: int = 20) -> onnx.ModelProto:
+    """The QDQ fake-quant ONNX model of a calibrated ``model`` (the model itself is not changed)."""
+    layers = set(quant_layers(model))
+    export_model = copy.deepcopy(model).eval()
+    _onnx_mode(export_model, True)
+    args, kwargs = normalize_inputs(example_inputs)
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(export_model, args, kwargs=kwargs or None, dynamo=True, input_names=input_names,
+                                    output_names=output_names, dynamic_axes=dynamic_axes,
+                                    opset_version=opset_version, verbose=False, optimize=True)
+    proto = program.model_proto
+    weight_q = _rename(proto, layers)
+    _fold_weight_quant(proto, weight_q)
+    for t in proto.graph.initializer:
+        if t.name.endswith(".module.bias"):
+            old = t.name
+            t.name = old.replace(".module.bias", ".bias")
+            for n in proto.graph.node:
+                for i, inp in enumerate(n.input):
+                    if inp == old:
+                        n.input[i] = t.name
+    onnx.checker.check_model(proto)
+    return proto

@@ -1,6 +1,14 @@
 """amct-torch: PyTorch-native model compression with an AMCT-compatible API.
 
-The public surface (more verbs arrive as techniques land)::
+Post-training quantization::
+
+    import amct_torch
+    model = amct_torch.quantize(model, amct_torch.QuantConfig(activation_calibrator="hfmg"), x)
+    amct_torch.calibrate(model, loader)
+    amct_torch.export(model, "out/model", x)     # fake-quant ONNX (ORT), deploy ONNX (ATC), record
+
+AMCT scripts keep working with ``import amct_torch as amct`` (create_quant_config, quantize_model,
+save_model). The structural passes::
 
     from amct_torch import capture, fold_batch_norm, swap_layers, QuantConfig, Targeting
 
@@ -14,9 +22,13 @@ from .config import (Config, ConfigError, Granularity, PerChannel, PerGroup, Per
                      Targeting)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
+from .quant import CalibrationError, calibrate, quantize
+from .export import export
+from .compat import create_quant_config, quantize_model, save_model
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
-           "register_wrapper", "__version__"]
+           "register_wrapper", "CalibrationError", "calibrate", "quantize", "export", "create_quant_config",
+           "quantize_model", "save_model", "__version__"]

@@ -25,7 +25,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from ..graph.capture import normalize_inputs
-from ..quant.ptq import quant_layers
+from ..nn import CompressedLayer
 
 __all__ = ["export_qdq_model"]
 
@@ -160,8 +160,12 @@ def _rename(model: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
 def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list[str] | None = None,
                      output_names: list[str] | None = None, dynamic_axes: dict | None = None,
                      opset_version: int = 20) -> onnx.ModelProto:
-    """The QDQ fake-quant ONNX model of a calibrated ``model`` (the model itself is not changed)."""
-    layers = set(quant_layers(model))
+    """The QDQ fake-quant ONNX model of a calibrated ``model`` (the model itself is not changed).
+
+    Quantizers that define ``set_onnx_mode`` export as Q/DQ; any other module (e.g. a frozen weight) as
+    itself, so the same function also writes the float "modified" model of the AMCT flow.
+    """
+    layers = {name for name, m in model.named_modules() if isinstance(m, CompressedLayer)}
     export_model = copy.deepcopy(model).eval()
     _onnx_mode(export_model, True)
     args, kwargs = normalize_inputs(example_inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import time
 
-BENCHMARKS = ["benchmarks.reference_models"]
+BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq"]
 
 
 def main() -> None:

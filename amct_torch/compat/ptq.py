@@ -34,8 +34,7 @@ from ..export.onnx_qdq import export_qdq_model
 from ..export.qdq_insert import insert_qdq
 from ..graph import capture, fold_batch_norm, swap_layers
 from ..nn import CompressedLayer
-from ..quant.ptq import calibrate, quant_layers, quantize, weight_quantizer
-from ..quant.quantizers import ActivationQuantizer
+from ..quant.ptq import activation_quantizers, calibrate, quant_layers, quantize, weight_quantizer
 
 __all__ = ["create_quant_config", "quantize_model", "save_model"]
 
@@ -98,8 +97,7 @@ class _RecordWriter:
     def __call__(self, model: nn.Module, args: Any, output: Any) -> None:
         if self.written:
             return
-        acts = [m.input_quantizer for m in quant_layers(model).values() if isinstance(m.input_quantizer, ActivationQuantizer)]
-        if all(q.is_calibrated for q in acts):
+        if all(q.is_calibrated for q in activation_quantizers(model).values()):
             write_record(record_of(model), self.record_file)
             self.written = True
 
@@ -152,7 +150,8 @@ def quantize_model(config_file: str | os.PathLike, modfied_onnx_file: str | os.P
                         "all five are required")
     settings, per_layer = read_quant_json(config_file)
     targeting = Targeting(None, module_name=per_layer)
-    cal = quantize(model, targeting, input_data, fold_bn=settings.do_fusion, skip_fusion_layers=settings.skip_fusion_layers)
+    cal = quantize(model, targeting, input_data, fold_bn=settings.do_fusion, skip_fusion_layers=settings.skip_fusion_layers,
+                   quantize_outputs="none")
     missing = [n for n, c in per_layer.items() if c is not None and n not in cal.amct_plan.wrapped()]
     if missing:
         raise ConfigError(f"{Path(config_file).name}: layers", missing,
@@ -171,9 +170,8 @@ def quantize_model(config_file: str | os.PathLike, modfied_onnx_file: str | os.P
 def _adaround_from_input(model: nn.Module, input_data: Any) -> None:
     """Learn AdaRound rounding on ``input_data`` without consuming the user's calibration batches."""
     probe = copy.deepcopy(model)
-    for m in quant_layers(probe).values():
-        if isinstance(m.input_quantizer, ActivationQuantizer):
-            m.input_quantizer.batch_num = 1
+    for q in activation_quantizers(probe).values():
+        q.batch_num = 1
     data = [input_data if not isinstance(input_data, tuple) else input_data[0]]
     calibrate(probe, data, progress=False)
     for name, layer in quant_layers(model).items():

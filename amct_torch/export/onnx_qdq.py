@@ -157,6 +157,48 @@ def _rename(model: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
     return weight_q
 
 
+def _unique_dequantize(model: onnx.ModelProto) -> None:
+    """Give every consumer of a shared DequantizeLinear its own copy (and of the QuantizeLinear before it).
+
+    The exporter's optimizer merges identical Q/DQ pairs (two layers reading one tensor with equal
+    factors); onnxruntime fuses DQ -> Conv -> Q into an integer kernel only when the DQ is the layer's own.
+    """
+    g = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def clone(node: onnx.NodeProto, k: int) -> onnx.NodeProto:
+        c = onnx.NodeProto()
+        c.CopyFrom(node)
+        c.name = f"{node.name}_{k}"
+        c.output[0] = f"{node.output[0]}_{k}"
+        return c
+
+    out: list[onnx.NodeProto] = []
+    for n in g.node:
+        out.append(n)
+        if n.op_type != "DequantizeLinear" or n.output[0] in graph_outputs:
+            continue
+        users = consumers.get(n.output[0], [])
+        q = producer.get(n.input[0])
+        for k, user in enumerate(users[1:], start=2):
+            dq = clone(n, k)
+            if q is not None and q.op_type == "QuantizeLinear":  # a pair of its own, Q included
+                q_copy = clone(q, k)
+                dq.input[0] = q_copy.output[0]
+                out.append(q_copy)
+            for i, inp in enumerate(user.input):
+                if inp == n.output[0]:
+                    user.input[i] = dq.output[0]
+            out.append(dq)
+    del g.node[:]
+    g.node.extend(out)
+
+
 def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list[str] | None = None,
                      output_names: list[str] | None = None, dynamic_axes: dict | None = None,
                      opset_version: int = 20) -> onnx.ModelProto:
@@ -176,6 +218,7 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
     proto = program.model_proto
     weight_q = _rename(proto, layers)
     _fold_weight_quant(proto, weight_q)
+    _unique_dequantize(proto)
     for t in proto.graph.initializer:
         if t.name.endswith(".module.bias"):
             old = t.name

@@ -12,20 +12,21 @@ or AdaRound weight stage. ``model.amct_plan`` holds the plan: every layer, what 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
-from ..graph import Plan, capture, fold_batch_norm, swap_layers
+from ..graph import CapturedGraph, Node, Plan, capture, fold_batch_norm, swap_layers
 from ..graph.capture import normalize_inputs
 from ..nn import CompressedAvgPool, CompressedConv, CompressedConvTranspose, CompressedLayer
 from .adaround import AdaRoundWeightQuantizer, optimize_rounding
 from .calibrators import make_calibrator
 from .quantizers import ActivationQuantizer, ArqWeightQuantizer, CalibrationError
 
-__all__ = ["quantize", "calibrate", "quant_layers", "weight_quantizer", "check_calibrated", "CalibrationError"]
+__all__ = ["quantize", "calibrate", "quant_layers", "activation_quantizers", "weight_quantizer", "check_calibrated", "CalibrationError"]
 
 
 def _groups(layer: CompressedLayer) -> int:
@@ -40,6 +41,11 @@ def weight_quantizer(layer: CompressedLayer) -> ArqWeightQuantizer | None:
         if isinstance(stage, ArqWeightQuantizer):
             return stage
     return None
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """Every activation quantizer, keyed ``<layer>.input_quantizer`` / ``<layer>.output_quantizer``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)}
 
 
 def quant_layers(model: nn.Module) -> dict[str, CompressedLayer]:
@@ -80,8 +86,8 @@ def _attach(name: str, layer: CompressedLayer, cfg: Config) -> None:
 
 
 def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, example_inputs: Any = None, *,
-             fold_bn: bool = True, skip_fusion_layers: Iterable[str] = (), inplace: bool = False,
-             verbose: bool = False) -> nn.Module:
+             fold_bn: bool = True, skip_fusion_layers: Iterable[str] = (), quantize_outputs: str = "auto",
+             inplace: bool = False, verbose: bool = False) -> nn.Module:
     """Prepare ``model`` for post-training quantization (calibration mode); returns the prepared copy.
 
     Args:
@@ -90,6 +96,10 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
             per name, skips). Default: INT8, per-channel weights (ARQ), asymmetric IFMR activations.
         example_inputs: inputs for graph capture (tensor, tuple, or dict of keyword inputs).
         fold_bn: fold Conv+BatchNorm first (AMCT's ``do_fusion``); ``skip_fusion_layers`` excludes some.
+        quantize_outputs: ``auto`` adds an output quantizer to every quantized layer whose output does
+            not go (directly or through one ReLU) only into quantized layers, e.g. a conv feeding a
+            residual add. ONNX Runtime then runs every such layer as an integer kernel (QLinearConv)
+            instead of dequantizing around it. ``none`` quantizes layer inputs only, as AMCT does.
         inplace: modify ``model`` itself.
         verbose: print the plan.
 
@@ -107,11 +117,70 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
         model, fold_plan = fold_batch_norm(model, graph=graph, skip=skip_fusion_layers, inplace=True)
         plans.append(fold_plan)
     model, plan = swap_layers(model, targeting, graph=graph, attach=_attach, inplace=True, title="quantize")
+    if quantize_outputs not in ("auto", "none"):
+        raise ValueError(f"quantize_outputs: got {quantize_outputs!r}; allowed: 'auto' or 'none'")
+    if quantize_outputs == "auto":
+        _add_output_quantizers(model, graph, plan)
     plan.layers = [lp for lp in plans[0].layers] + plan.layers if plans else plan.layers
     model.amct_plan = plan
     if verbose:
         print(plan)
     return model
+
+
+_TRANSPARENT = (nn.Identity, nn.Dropout)
+_RELU_FUNCS = {"relu", "relu_", "aten.relu.default", "aten.relu_.default"}
+
+
+def _consumers(node: Node, model: nn.Module) -> list[Node]:
+    """Users of ``node``, looking through modules that became Identity (folded BN) or do nothing (Dropout)."""
+    out = []
+    for u in node.users:
+        if u.kind == "module" and isinstance(model.get_submodule(u.target), _TRANSPARENT):
+            out.extend(_consumers(u, model))
+        else:
+            out.append(u)
+    return out
+
+
+def _is_relu(node: Node, model: nn.Module) -> bool:
+    if node.kind == "module":
+        return isinstance(model.get_submodule(node.target), nn.ReLU)
+    return node.kind == "function" and node.target in _RELU_FUNCS
+
+
+def _add_output_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan) -> None:
+    """Quantize the output of layers whose consumers are not all quantized layers (see ``quantize_outputs``)."""
+    if not graph.has_dataflow:
+        plan.warnings.append("no graph data flow: outputs not quantized (ONNX Runtime will run some layers in float)")
+        return
+    quantized = {n for n, m in quant_layers(model).items() if isinstance(m.input_quantizer, ActivationQuantizer)}
+
+    def fed_by_quantized_only(node: Node, through_relu: bool = True) -> bool:
+        users = _consumers(node, model)
+        if not users or any(u.kind == "output" for u in users):
+            return True  # a model output stays float
+        for u in users:
+            if u.kind == "module" and u.target in quantized:
+                continue
+            if through_relu and _is_relu(u, model) and fed_by_quantized_only(u, through_relu=False):
+                continue
+            return False
+        return True
+
+    for name, layer in quant_layers(model).items():
+        calls = graph.calls_of(name)
+        q = layer.input_quantizer
+        if len(calls) != 1 or not isinstance(q, ActivationQuantizer) or fed_by_quantized_only(calls[0]):
+            continue
+        cfg: QuantConfig = weight_quantizer(layer).config if weight_quantizer(layer) is not None else None
+        if cfg is None or cfg.activation_bits is None:
+            continue
+        layer.output_quantizer = ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset,
+                                                     make_calibrator(cfg), cfg.batch_num)
+        for i, lp in enumerate(plan.layers):
+            if lp.name == name:
+                plan.layers[i] = replace(lp, detail=lp.detail + " + output")
 
 
 def _batches(data: Any) -> Iterable[tuple[tuple, dict]]:
@@ -153,7 +222,7 @@ def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, *, pr
     layers = quant_layers(model)
     if not layers:
         raise CalibrationError("nothing to calibrate: prepare the model with amct_torch.quantize first")
-    acts = {n: m.input_quantizer for n, m in layers.items() if isinstance(m.input_quantizer, ActivationQuantizer)}
+    acts = activation_quantizers(model)
     need = max([q.batch_num - int(q.batches_seen) for q in acts.values() if not q.is_calibrated] + [0])
     ada = {n: m for n, m in layers.items() if isinstance(weight_quantizer(m), AdaRoundWeightQuantizer)
            and not bool(weight_quantizer(m).optimized)}
@@ -212,9 +281,8 @@ def check_calibrated(model: nn.Module) -> None:
     layers = quant_layers(model)
     if not layers:
         raise CalibrationError("the model has no quantized layers: prepare it with amct_torch.quantize first")
-    missing = [f"{n} ({int(m.input_quantizer.batches_seen)}/{m.input_quantizer.batch_num} batches)"
-               for n, m in layers.items()
-               if isinstance(m.input_quantizer, ActivationQuantizer) and not m.input_quantizer.is_calibrated]
+    missing = [f"{n} ({int(q.batches_seen)}/{q.batch_num} batches)"
+               for n, q in activation_quantizers(model).items() if not q.is_calibrated]
     missing += [f"{n} (AdaRound not optimised)" for n, m in layers.items()
                 if isinstance(weight_quantizer(m), AdaRoundWeightQuantizer) and not bool(weight_quantizer(m).optimized)]
     if missing:

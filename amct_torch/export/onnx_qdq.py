@@ -1,7 +1,7 @@
 """The fake-quant model for ONNX Runtime: standard QuantizeLinear/DequantizeLinear, named by module path.
 
 The calibrated model is exported with ``torch.onnx.export`` (the torch.export-based exporter) while its
-quantizers run ``torch.fake_quantize_per_*_affine``, which become Q/DQ pairs. Then:
+quantizers run ``torch.ops.amct.fake_quant`` with fixed factors, which we translate to Q/DQ pairs. Then:
 
 * weight Q/DQ pairs become an int8 initializer ``<layer>.weight`` feeding a DequantizeLinear (the
   form onnxruntime fuses into integer kernels, and the deploy converter reads);
@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import logging
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,9 +24,14 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
+from onnxscript import opset20 as op
 
 from ..graph.capture import normalize_inputs
 from ..nn import CompressedLayer
+from ..quant.formulas import qrange
+from ..quant.ptq import weight_quantizer
+from ..quant.qdq_op import fake_quant as fake_quant_op
+from ..quant.quantizers import ActivationQuantizer, ArqWeightQuantizer
 
 __all__ = ["export_qdq_model"]
 
@@ -47,10 +53,39 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def _onnx_mode(model: nn.Module, enabled: bool) -> None:
+class _FrozenQuantWeight(nn.Module):
+    """The export stand-in for a weight pipeline: the fake-quantized weight as a constant, through Q/DQ."""
+
+    def __init__(self, value: torch.Tensor, stage: ArqWeightQuantizer):
+        super().__init__()
+        self.register_buffer("value", value.detach().clone())
+        self.scale = stage.scale.detach().clone()
+        self.zero_point = stage.offset.detach().to(torch.int8 if stage.bits <= 8 else torch.int16)
+        self.axis = stage.axis if stage.per_channel else 0
+        self.qmin, self.qmax = qrange(stage.bits)
+        if stage.per_channel and stage.axis == 1 and value.dim() > 2 and stage.groups > 1:
+            raise ValueError("grouped ConvTranspose weights have no per-axis ONNX form; quantize them per_tensor")
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quant_op(self.value, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+
+
+def _prepare_for_onnx(model: nn.Module) -> None:
+    """Fix every factor: activation quantizers to Q/DQ mode, weight pipelines to constants through Q/DQ."""
     for m in model.modules():
-        if hasattr(m, "set_onnx_mode"):
-            m.set_onnx_mode(enabled)
+        if isinstance(m, ActivationQuantizer):
+            m.set_onnx_mode(True)
+        if isinstance(m, CompressedLayer) and m.weight_pipeline is not None:
+            stage = weight_quantizer(m)
+            if stage is not None:
+                with torch.no_grad():
+                    value = m.effective_weight()
+                m.weight_pipeline = type(m.weight_pipeline)([_FrozenQuantWeight(value, stage)])
+
+
+def _fake_quant_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int):
+    q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:
@@ -209,16 +244,21 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
     """
     layers = {name for name, m in model.named_modules() if isinstance(m, CompressedLayer)}
     export_model = copy.deepcopy(model).eval()
-    _onnx_mode(export_model, True)
+    _prepare_for_onnx(export_model)
     args, kwargs = normalize_inputs(example_inputs)
-    with _quiet(), torch.no_grad():
+    with _quiet(), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dynamic_axes.*")
         program = torch.onnx.export(export_model, args, kwargs=kwargs or None, dynamo=True, input_names=input_names,
                                     output_names=output_names, dynamic_axes=dynamic_axes,
-                                    opset_version=opset_version, verbose=False, optimize=True)
+                                    opset_version=opset_version, verbose=False, optimize=True,
+                                    custom_translation_table={torch.ops.amct.fake_quant.default: _fake_quant_onnx})
     proto = program.model_proto
     weight_q = _rename(proto, layers)
     _fold_weight_quant(proto, weight_q)
     _unique_dequantize(proto)
+    for node in proto.graph.node:  # exporter debug metadata (stack traces, fx nodes) would double the file
+        del node.metadata_props[:]
+        node.doc_string = ""
     for t in proto.graph.initializer:
         if t.name.endswith(".module.bias"):
             old = t.name

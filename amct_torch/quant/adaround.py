@@ -45,8 +45,6 @@ class AdaRoundWeightQuantizer(ArqWeightQuantizer):
         return torch.clamp(torch.floor(weight.detach() / s) + up, qmin, qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.onnx_mode:
-            return super().forward(self.forward_values(weight))
         return self.forward_values(weight)
 
     def forward_values(self, weight: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ fake-quantizes. ``ArqWeightQuantizer`` computes per-channel (or per-tensor) symm
 weight's min/max (AMCT's ARQ) when the layer is prepared, and fake-quantizes the weight in the
 pipeline.
 
-For ONNX export, ``onnx_mode`` switches both to ``torch.fake_quantize_per_*_affine``, which the
-exporters turn into standard QuantizeLinear/DequantizeLinear pairs.
+For ONNX export, the activation quantizer's ``onnx_mode`` runs ``torch.ops.amct.fake_quant``, which the
+exporter turns into a standard QuantizeLinear/DequantizeLinear pair; weights are frozen by the exporter.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..config import Granularity, PerChannel, PerTensor
 from .calibrators import Calibrator
 from .formulas import channel_major, channel_shape, fake_quantize, qrange, scale_offset
+from .qdq_op import fake_quant as fake_quant_op
 
 __all__ = ["ActivationQuantizer", "ArqWeightQuantizer", "CalibrationError"]
 
@@ -54,16 +55,18 @@ class ActivationQuantizer(nn.Module):
         return bool(self.calibrated)
 
     def set_onnx_mode(self, enabled: bool) -> None:
-        """Export with ``torch.fake_quantize_per_tensor_affine`` (-> QuantizeLinear/DequantizeLinear)."""
+        """Export through ``torch.ops.amct.fake_quant`` (-> QuantizeLinear/DequantizeLinear) with fixed factors."""
         if enabled and not self.is_calibrated:
             raise CalibrationError("cannot export an uncalibrated activation quantizer")
+        if enabled and self.bits != 8:
+            raise ValueError(f"{self.bits}-bit activations have no standard Q/DQ form in the ONNX export (INT8 only)")
         self.onnx_mode = enabled
-        self._onnx_factors = (float(self.scale), int(self.offset)) if enabled else None
+        self._onnx_factors = (self.scale.detach().clone(), self.offset.detach().to(torch.int8)) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onnx_mode:
             qmin, qmax = qrange(self.bits)
-            return torch.fake_quantize_per_tensor_affine(x, *self._onnx_factors, qmin, qmax)
+            return fake_quant_op(x, *self._onnx_factors, 0, qmin, qmax)
         if not self.is_calibrated:
             self.calibrator.observe(x)
             self.batches_seen += 1
@@ -117,7 +120,6 @@ class ArqWeightQuantizer(nn.Module):
         n = channel_major(weight.detach(), axis, groups).shape[0] if self.per_channel else 1
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("offset", torch.zeros(n, dtype=torch.int32))
-        self.onnx_mode = False
         self.calibrate(weight)
 
     @torch.no_grad()
@@ -133,22 +135,10 @@ class ArqWeightQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.offset.copy_(offset)
 
-    def set_onnx_mode(self, enabled: bool) -> None:
-        """Export with ``torch.fake_quantize_per_*_affine`` (-> QuantizeLinear/DequantizeLinear)."""
-        self.onnx_mode = enabled
-        self._onnx_scale = float(self.scale[0]) if enabled and not self.per_channel else None
-
     def broadcast(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return channel_shape(t, shape, self.axis, self.groups) if self.per_channel else t.reshape(())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.onnx_mode:
-            qmin, qmax = qrange(self.bits)
-            if not self.per_channel:
-                return torch.fake_quantize_per_tensor_affine(weight, self._onnx_scale, 0, qmin, qmax)
-            if self.axis == 1 and weight.dim() > 2 and self.groups > 1:
-                raise ValueError("grouped ConvTranspose weights have no per-axis ONNX form; use per_tensor weights")
-            return torch.fake_quantize_per_channel_affine(weight, self.scale, self.offset, self.axis, qmin, qmax)
         return fake_quantize(weight, self.broadcast(self.scale, weight.shape), self.broadcast(self.offset, weight.shape),
                              self.bits)
 

@@ -76,7 +76,7 @@ def test_quantize_folds_bn_wraps_layers_and_keeps_original(net, batches):
     plan = q.amct_plan
     assert plan["bn"].action == "fold" and "conv" in plan["bn"].detail
     assert {lp.name for lp in plan.layers if lp.action == "wrap"} == {"conv", "conv2", "fc"}
-    assert plan["conv"].detail == "W8 per_channel / A8 minmax asym"
+    assert plan["conv"].detail.startswith("W8 per_channel / A8 minmax asym")
     assert isinstance(q.bn, nn.Identity)
     assert set(quant_layers(q)) == {"conv", "conv2", "fc"}
     for name in ("conv", "conv2", "fc"):
@@ -119,8 +119,30 @@ def test_weights_quantized_per_channel_with_arq_math(net, batches, bits):
         assert ints.min() >= -(2 ** (bits - 1)) and ints.max() <= 2 ** (bits - 1) - 1
         assert torch.equal(ints.float() * stage.scale.reshape(-1, *[1] * (w.dim() - 1)), wq)
         # the largest-magnitude weight of each channel lands on the edge of the integer range
-        edge = ints.reshape(w.shape[0], -1).abs().max(dim=1).values
+        edge = ints.reshape(w.shape[0], -1).int().abs().max(dim=1).values
         assert torch.all((edge == 2 ** (bits - 1) - 1) | (edge == 2 ** (bits - 1)))
+
+
+def test_w4a8_end_to_end(net, batches):
+    q = quantize(net, QuantConfig(weight_bits=4, activation_bits=8, activation_calibrator="minmax"), batches[0])
+    calibrate(q, batches[:2], progress=False)
+    check_calibrated(q)
+    seen = {}
+    hooks = [getattr(q, n).input_quantizer.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+             for n in ("conv", "conv2", "fc")]
+    with torch.no_grad():
+        y, ref = q(batches[2]), net(batches[2])
+    for h in hooks:
+        h.remove()
+    for name, out in seen.items():
+        aq = getattr(q, name).input_quantizer
+        assert aq.bits == 8 and weight_quantizer(getattr(q, name)).bits == 4
+        levels = torch.round(out / aq.scale + aq.offset.float())
+        torch.testing.assert_close(out, (levels - aq.offset.float()) * aq.scale, rtol=0, atol=1e-6)
+        assert levels.min() >= -128 and levels.max() <= 127
+    # 4-bit weights: a visible but bounded error against the float model
+    err = (y - ref).abs().max() / ref.abs().max()
+    assert 1e-3 < err < 0.5
 
 
 def test_arq_grouped_conv_transpose_scale_per_output_channel():
@@ -231,7 +253,7 @@ def test_calibrate_raises_naming_uncalibrated_layers(net, batches):
         calibrate(q, batches[:2], progress=False)
     msg = str(err.value)
     for name in ("conv", "conv2", "fc"):
-        assert re.search(rf"\b{name} 2/3\b", msg), msg
+        assert re.search(rf"(^|[ :,]){name}[. ][^,]*\b2/3\b", msg), msg
     with pytest.raises(CalibrationError, match="conv2"):
         check_calibrated(q)
     # one more batch finishes it
@@ -290,9 +312,9 @@ def test_targeting_none_leaves_layer_float(net, batches):
 
 
 # -- AdaRound --------------------------------------------------------------------------------------
-def test_adaround_improves_on_nearest_rounding(net, batches):
+def _adaround_model(net, batches, bits):
     cfg = QuantConfig(weight_algorithm="adaround", ada_num_iteration=50, activation_calibrator="minmax",
-                      weight_bits=4)
+                      weight_bits=bits)
     q = quantize(net, cfg, batches[0])
     with pytest.raises(CalibrationError, match="AdaRound"):
         q.conv.input_quantizer.set_factors(0.1, 0)  # activations set by hand: still AdaRound pending
@@ -300,19 +322,42 @@ def test_adaround_improves_on_nearest_rounding(net, batches):
     q.conv.input_quantizer.reset()
     calibrate(q, batches[:2], progress=False)
     check_calibrated(q)
+    return q
+
+
+def test_adaround_learns_binary_rounding_no_worse_than_nearest(net, batches):
+    q = _adaround_model(net, batches, 8)
+    improved = 0
     for name in ("conv", "conv2", "fc"):
         layer = getattr(q, name)
         stage = weight_quantizer(layer)
         assert isinstance(stage, AdaRoundWeightQuantizer)
         assert bool(stage.optimized)
+        assert stage.round_up.dtype == torch.uint8
         assert set(stage.round_up.unique().tolist()) <= {0, 1}
         assert stage.stats["error_adaround"] <= stage.stats["error_nearest"]
-        # the learned integers are floor or floor + 1 of w / s, within the 4-bit range
+        improved += stage.stats["error_adaround"] < stage.stats["error_nearest"]
+        # the learned integers are floor or floor + 1 of w / s, within the 8-bit range
         w = layer.module.weight.detach()
         s = stage.scale.reshape(-1, *[1] * (w.dim() - 1))
         ints = stage.integer_weight(w).float()
         fl = torch.floor(w / s)
-        assert torch.all((ints == torch.clamp(fl, -8, 7)) | (ints == torch.clamp(fl + 1, -8, 7)))
+        assert torch.all((ints == torch.clamp(fl, -128, 127)) | (ints == torch.clamp(fl + 1, -128, 127)))
         assert torch.equal(layer.effective_weight().detach(), ints * s)
-    assert any(weight_quantizer(getattr(q, n)).stats["error_adaround"] < weight_quantizer(getattr(q, n)).stats["error_nearest"]
-               for n in ("conv", "conv2", "fc"))
+        # some weights were rounded differently from round-to-nearest
+        if name != "fc":
+            assert not torch.equal(ints, torch.clamp(torch.round(w / s), -128, 127))
+    assert improved >= 2
+
+
+def test_adaround_w4_never_worse_than_nearest(net, batches):
+    # BUG: amct_torch/quant/adaround.py, optimize_rounding() always installs the learned rounding, even when its
+    # reconstruction error is *larger* than round-to-nearest (both are computed: stats error_nearest/error_adaround).
+    # Here, 4-bit weights and 50 iterations: conv2 gets 0.0703 vs 0.0625 for nearest (the soft h has not
+    # converged to 0/1 yet, so h >= 0.5 is worse than the start point). Fix: if after > before, restore the
+    # nearest rounding (stage._nearest(weight)) and report error_adaround = error_nearest (or keep the best
+    # hard rounding seen).
+    q = _adaround_model(net, batches, 4)
+    for name in ("conv", "conv2", "fc"):
+        stats = weight_quantizer(getattr(q, name)).stats
+        assert stats["error_adaround"] <= stats["error_nearest"], (name, stats)

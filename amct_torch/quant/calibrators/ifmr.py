@@ -30,7 +30,9 @@ class IFMRCalibrator(PercentileCalibrator):
 
     def ratios(self) -> np.ndarray:
         start, end = self.search_range
-        return np.arange(start, end, self.search_step)
+        n = int(np.floor((end - start) / self.search_step + 1e-9))  # [start, end): float arange may include end
+        n += start + n * self.search_step < end - 1e-12
+        return start + self.search_step * np.arange(n)
 
     def clip_range(self, bits: int, symmetric: bool) -> tuple[float, float]:
         lo0, hi0 = self.percentile_range()

@@ -28,7 +28,7 @@ from ..config import ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
 from ..config.amct_cfg import read_calibration_cfg, resolve_layer_configs
 from ..config.amct_json import AmctGlobal, read_quant_json, write_quant_json
 from ..config.record import read_record, write_record
-from ..export.api import record_of
+from ..export.api import record_of, write_all
 from ..export.deploy import qdq_to_deploy
 from ..export.onnx_qdq import export_qdq_model
 from ..export.qdq_insert import insert_qdq
@@ -125,14 +125,7 @@ def _write_modified_onnx(model: nn.Module, path: Path, input_data: Any, input_na
             layer.weight_pipeline = type(layer.weight_pipeline)([_FrozenWeight(value)])
     proto = export_qdq_model(float_model, input_data, input_names=input_names, output_names=output_names,
                              dynamic_axes=dynamic_axes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_all({path: lambda p: onnx.save(proto, p)})
 
 
 def quantize_model(config_file: str | os.PathLike, modfied_onnx_file: str | os.PathLike | None = None,
@@ -200,15 +193,5 @@ def save_model(modfied_onnx_file: str | os.PathLike | None = None, record_file: 
     fake = insert_qdq(model, record)
     deploy, _ = qdq_to_deploy(fake)
     prefix = Path(save_path)
-    paths = [prefix.with_name(prefix.name + "_fake_quant_model.onnx"), prefix.with_name(prefix.name + "_deploy_model.onnx")]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    temps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
-    try:
-        onnx.save(fake, temps[0])
-        onnx.save(deploy, temps[1])
-        for tmp, p in zip(temps, paths):
-            os.replace(tmp, p)
-    finally:
-        for tmp in temps:
-            if tmp.exists():
-                tmp.unlink()
+    write_all({prefix.with_name(prefix.name + "_fake_quant_model.onnx"): lambda p: onnx.save(fake, p),
+               prefix.with_name(prefix.name + "_deploy_model.onnx"): lambda p: onnx.save(deploy, p)})

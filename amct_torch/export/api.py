@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import torch.nn as nn
@@ -25,7 +25,7 @@ from ..quant.quantizers import ActivationQuantizer
 from .deploy import DeployReport, qdq_to_deploy
 from .onnx_qdq import export_qdq_model
 
-__all__ = ["export", "ExportResult", "record_of"]
+__all__ = ["export", "ExportResult", "record_of", "write_all"]
 
 
 @dataclass
@@ -64,6 +64,42 @@ def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """Write several files all or nothing.
+
+    Each file is written to a temporary name first; only when all succeeded are they moved into place,
+    and if a move fails the files moved so far are restored from backups of what was there before.
+    """
+    for path in writers:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; nothing was written")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temps = {path: _temp(path) for path in writers}
+    backups: dict[Path, Path] = {}
+    moved: list[Path] = []
+    try:
+        for path, write in writers.items():
+            write(temps[path])
+        for path in writers:
+            if path.exists():
+                backups[path] = path.with_name(f".{path.name}.bak-{os.getpid()}")
+                os.replace(path, backups[path])
+            os.replace(temps[path], path)
+            moved.append(path)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        for path, backup in backups.items():
+            if backup.exists():
+                os.replace(backup, path)
+        raise
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        for backup in backups.values():
+            backup.unlink(missing_ok=True)
+
+
 def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any, *, record_file: str | os.PathLike | None = None,
            input_names: list[str] | None = None, output_names: list[str] | None = None, dynamic_axes: dict | None = None,
            on_unsupported: str = "keep_float") -> ExportResult:
@@ -82,8 +118,9 @@ def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any
         CalibrationError: some quantizer has not seen its ``batch_num`` batches (nothing is written).
     """
     check_calibrated(model)
-    prefix = Path(path_prefix)
-    if prefix.name == "" or prefix.is_dir():
+    raw = os.fspath(path_prefix)
+    prefix = Path(raw)
+    if raw.endswith(("/", os.sep)) or (os.altsep and raw.endswith(os.altsep)) or prefix.name == "" or prefix.is_dir():
         raise ValueError(f"path_prefix: got {str(path_prefix)!r}; allowed: a directory plus a file-name prefix, "
                          "e.g. 'out/model'")
     fake = export_qdq_model(model, example_inputs, input_names=input_names, output_names=output_names,
@@ -93,17 +130,6 @@ def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any
     paths = {"fake_quant": prefix.with_name(prefix.name + "_fake_quant_model.onnx"),
              "deploy": prefix.with_name(prefix.name + "_deploy_model.onnx"),
              "record": Path(record_file) if record_file is not None else prefix.with_name(prefix.name + "_record.txt")}
-    for p in paths.values():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    temps = {k: _temp(p) for k, p in paths.items()}
-    try:
-        onnx.save(fake, temps["fake_quant"])
-        onnx.save(deploy, temps["deploy"])
-        write_record(record, temps["record"])
-        for key, tmp in temps.items():
-            os.replace(tmp, paths[key])
-    finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                tmp.unlink()
+    write_all({paths["fake_quant"]: lambda p: onnx.save(fake, p), paths["deploy"]: lambda p: onnx.save(deploy, p),
+               paths["record"]: lambda p: write_record(record, p)})
     return ExportResult(paths["fake_quant"], paths["deploy"], paths["record"], report, fake, deploy)

@@ -733,6 +733,7 @@ def qdq_to_deploy(model: onnx.ModelProto, *, on_unsupported: Literal["keep_float
     g.initializer.extend(new_inits)
 
     _remove_dead(g, view)
+    _reclaim_names(g, {t.name for t in new_inits})
     if remaining_qdq == "ascend":
         _qdq_to_quant_antiquant(g, report, fresh)
         _remove_dead(g, view)
@@ -751,6 +752,24 @@ def _quant_node(name: str, x: str, y: str, scale_d: float, offset_d: int, dst: s
 
 def _dequant_node(name: str, x: str, param: str, y: str, dtype: int) -> onnx.NodeProto:
     return helper.make_node("AscendDequant", [x, param], [y], name=name, domain=ASCEND_DOMAIN or None, dtype=dtype)
+
+
+def _reclaim_names(g: onnx.GraphProto, new_names: set[str]) -> None:
+    """``<layer>.weight_1`` -> ``<layer>.weight`` once the replaced float/QDQ tensor of that name is gone."""
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    renames: dict[str, str] = {}
+    for t in g.initializer:
+        if t.name not in new_names:
+            continue
+        base, sep, k = t.name.rpartition("_")
+        if sep and k.isdigit() and base not in taken:
+            renames[t.name] = base
+            taken.add(base)
+    for t in g.initializer:
+        t.name = renames.get(t.name, t.name)
+    for n in g.node:
+        for i, inp in enumerate(n.input):
+            n.input[i] = renames.get(inp, inp)
 
 
 def _qdq_to_quant_antiquant(g: onnx.GraphProto, report: DeployReport, fresh) -> None:

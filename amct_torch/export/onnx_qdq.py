@@ -192,6 +192,38 @@ def _rename(model: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
     return weight_q
 
 
+def _transpose_weights(model: onnx.ModelProto) -> None:
+    """``DQ(W int8) -> Transpose -> MatMul`` (a Linear on 3-D input) becomes ``DQ(W^T int8) -> MatMul``.
+
+    The deploy converter, onnxruntime's QDQ fusion and ATC all expect the weight DQ to feed the op.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    drop = []
+    for node in g.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        tr = producer.get(node.input[1])
+        if tr is None or tr.op_type != "Transpose":
+            continue
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
+        dq = producer.get(tr.input[0])
+        if perm != [1, 0] or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        new_w = numpy_helper.from_array(np.ascontiguousarray(w.T), dq.input[0])
+        inits[dq.input[0]].CopyFrom(new_w)
+        for a in dq.attribute:
+            if a.name == "axis":
+                a.i = 1 - (a.i % 2)
+        node.input[1] = dq.output[0]
+        drop.append(tr)
+    for tr in drop:
+        if not any(tr.output[0] in n.input for n in g.node):
+            g.node.remove(tr)
+
+
 def _unique_dequantize(model: onnx.ModelProto) -> None:
     """Give every consumer of a shared DequantizeLinear its own copy (and of the QuantizeLinear before it).
 
@@ -255,6 +287,7 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
     proto = program.model_proto
     weight_q = _rename(proto, layers)
     _fold_weight_quant(proto, weight_q)
+    _transpose_weights(proto)
     _unique_dequantize(proto)
     for node in proto.graph.node:  # exporter debug metadata (stack traces, fx nodes) would double the file
         del node.metadata_props[:]

@@ -6,7 +6,8 @@ With ``s`` the ARQ scale and ``W_floor = floor(W / s)``, the soft weight is
 ``alpha`` is learned to minimise the layer's output error on calibration inputs plus
 ``reg_param * sum(1 - |2h - 1|^beta)``, which pushes ``h`` to 0 or 1; ``beta`` anneals from
 ``beta_range[0]`` to ``beta_range[1]`` after the first ``warm_start`` fraction of ``num_iteration`` steps
-(no regularisation before). Finally ``round_up = h(alpha) >= 0.5``.
+(no regularisation before). Finally ``round_up = h(alpha) >= 0.5``, unless that reconstructs the layer
+output worse than round-to-nearest on the same inputs (too few iterations), in which case nearest stays.
 """
 
 from __future__ import annotations
@@ -110,4 +111,7 @@ def optimize_rounding(stage: AdaRoundWeightQuantizer, weight: torch.Tensor,
         stage.optimized.fill_(True)
         after = sum(_rec_loss(layer_op(xq, stage.forward_values(weight)), t).item()
                     for xq, t in zip(quantized_inputs, targets)) / len(targets)
+        if after > before:  # too few iterations to beat round-to-nearest: keep nearest
+            stage._nearest(weight)
+            after = before
     return {"error_nearest": before, "error_adaround": after}

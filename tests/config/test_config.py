@@ -285,7 +285,7 @@ def test_list_element_type_is_checked():
 
 
 def test_config_error_survives_pickling():
-    # BUG (amct_torch/config/base.py, ConfigError): the exception's args are the formatted message only,
+    # Regression test (was a bug in amct_torch/config/base.py, ConfigError): the exception's args are the formatted message only,
     # so unpickling calls ConfigError(message) and fails with "missing 2 required positional arguments".
     # Errors raised in DataLoader workers / multiprocessing pools therefore cannot be sent back.
     with pytest.raises(ConfigError) as info:
@@ -300,7 +300,7 @@ def test_config_error_survives_pickling():
     LayerListConfig(layers=tuple(f"encoder.layer.{i}.attention.self.query" for i in range(8))),
 ], ids=["quant_config", "long_layer_list"])
 def test_compact_json_round_trips(cfg):
-    # BUG (amct_torch/config/base.py, _read_text_or_path): a one-line text is probed with Path.is_file(),
+    # Regression test (was a bug in amct_torch/config/base.py, _read_text_or_path): a one-line text is probed with Path.is_file(),
     # which raises OSError [Errno 36] "File name too long" once the line exceeds NAME_MAX (255 bytes) and
     # contains no "/", so from_json(cfg.to_json(indent=None)) fails for any config whose compact JSON is
     # that long -- QuantConfig's own compact JSON included (about 480 characters).

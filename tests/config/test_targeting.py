@@ -163,7 +163,7 @@ def test_invalid_regex_in_module_name_raises_config_error():
 
 
 def test_invalid_regex_in_skip_raises_config_error():
-    # BUG (amct_torch/config/targeting.py, Targeting.__init__): ``skip`` entries accept 're:' regexes (resolve
+    # Regression test (was a bug in amct_torch/config/targeting.py, Targeting.__init__): ``skip`` entries accept 're:' regexes (resolve
     # runs them through _matches) but only module_name keys are compiled up front. An invalid skip regex is
     # accepted here and later makes resolve() / swap_layers raise a bare re.error instead of a ConfigError.
     with pytest.raises(ConfigError, match=re.escape("re:(q|k")):

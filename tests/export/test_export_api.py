@@ -17,10 +17,19 @@ from onnx import TensorProto, numpy_helper
 
 from amct_torch.config import QuantConfig, read_record
 from amct_torch.export import ExportResult, export, make_reference_evaluator, unpack_deq_param
-from amct_torch.quant import CalibrationError, calibrate, quant_layers, quantize, weight_quantizer
+from amct_torch.quant import CalibrationError, calibrate, quantize, weight_quantizer
 
 FILES = ("fake_quant", "deploy", "record")
 SUFFIXES = ("_fake_quant_model.onnx", "_deploy_model.onnx", "_record.txt")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: on a busy 2-core machine intra-op threads only add synchronisation cost."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class SmallCNN(nn.Module):
@@ -252,7 +261,7 @@ def test_deploy_model_matches_fake_quant_and_has_ascend_ops(exported):
 def test_deploy_weight_initializers_named_after_layer(exported):
     # AMCT's deploy format (deploy.py docstring, tests/export/test_deploy.py::check_amct_layer): the integer
     # layer reads <layer>.weight (int8) and <layer>.bias (int32).
-    # BUG: amct_torch/export/deploy.py, qdq_to_deploy(): new names come from fresh(), which avoids every name in
+    # Regression test (was a bug): amct_torch/export/deploy.py, qdq_to_deploy(): new names come from fresh(), which avoids every name in
     # the *input* graph; the fake-quant model already has <layer>.weight (int8) and <layer>.bias (float), so the
     # deploy model gets "conv1.weight_1" / "conv1.bias_1", and the originals are then dropped as dead. Fix: drop
     # the replaced DQ weight / float bias names from `used` before naming (or rename to the plain names after
@@ -295,7 +304,7 @@ def test_path_prefix_directory_raises(exported, tmp_path):
 def test_path_prefix_with_trailing_separator_raises(tmp_path):
     # "out/" names a directory with an empty file-name prefix, which export() means to refuse
     # (`prefix.name == ""`, "allowed: a directory plus a file-name prefix, e.g. 'out/model'").
-    # BUG: amct_torch/export/api.py, export(): Path("out/") drops the trailing separator, so prefix.name == "out"
+    # Regression test (was a bug): amct_torch/export/api.py, export(): Path("out/") drops the trailing separator, so prefix.name == "out"
     # and, when out/ does not exist yet, the files are written *next to* it as out_fake_quant_model.onnx, ...
     # Fix: check the raw string: `str(path_prefix).endswith((os.sep, "/"))` (or os.altsep) -> ValueError.
     q, batches = _prepare("mlp", calibrator="minmax")
@@ -308,7 +317,7 @@ def test_path_prefix_with_trailing_separator_raises(tmp_path):
 def test_failed_write_leaves_no_partial_export(tmp_path):
     # all-or-nothing (api.py docstring): "a failure part-way leaves no file behind (and any existing files
     # untouched)".
-    # BUG: amct_torch/export/api.py, export(): the three temporary files are renamed one by one; when a later
+    # Regression test (was a bug): amct_torch/export/api.py, export(): the three temporary files are renamed one by one; when a later
     # os.replace fails (here the record target is an existing directory -> IsADirectoryError) the fake-quant
     # and deploy files have already been moved into place (overwriting any previous ones). Fix: check every
     # target before the first rename (not a directory, writable), and on a failure roll back the renames done
@@ -323,7 +332,7 @@ def test_failed_write_leaves_no_partial_export(tmp_path):
 
 def test_linear_on_3d_input_is_converted_to_deploy(tmp_path):
     # A Linear applied to (batch, seq, features) exports as DequantizeLinear(W) -> Transpose -> MatMul -> Add.
-    # BUG: amct_torch/export/onnx_qdq.py / deploy.py: the deploy converter only recognises a DequantizeLinear
+    # Regression test (was a bug): amct_torch/export/onnx_qdq.py / deploy.py: the deploy converter only recognises a DequantizeLinear
     # directly on the MatMul's weight input, so every such layer is kept float ("weight is not quantized (no
     # DequantizeLinear on the weight)") and the deploy model has no AscendQuant at all: transformer-style
     # models silently deploy unquantized. Fix: in export_qdq_model, fold Transpose(DequantizeLinear(int8

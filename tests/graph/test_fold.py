@@ -248,7 +248,7 @@ def test_module_walk_fallback_folds_nothing_and_says_why(data_dependent_net, ima
 
 
 def test_conv_pruned_with_torch_prune_is_not_folded_into_a_stale_weight(randomize_bn):
-    # BUG (amct_torch/graph/fold.py, fold_conv_bn_ / _why_not): after torch.nn.utils.prune, ``conv.weight`` is a
+    # Regression test (was a bug in amct_torch/graph/fold.py, fold_conv_bn_ / _why_not): after torch.nn.utils.prune, ``conv.weight`` is a
     # plain tensor recomputed as weight_orig * weight_mask by a forward pre-hook. fold_conv_bn_ writes the folded
     # weight into that tensor, the BatchNorm is replaced by Identity, and the next forward recomputes the
     # *unfolded* weight: the model silently loses the BatchNorm scaling (max error ~0.4 here).

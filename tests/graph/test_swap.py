@@ -307,7 +307,7 @@ def test_bert_all_attention_and_ffn_linears_are_wrapped_and_outputs_equal(bert):
 
 # -- layers that a wrapper would silently bypass ------------------------------------------------------
 def test_forward_hook_on_a_layer_still_runs_after_swap_or_the_layer_is_skipped(vector):
-    # BUG (amct_torch/graph/swap.py, swap_layers / amct_torch/nn/base.py, wrapper_for): hooks registered on the
+    # Regression test (was a bug in amct_torch/graph/swap.py, swap_layers / amct_torch/nn/base.py, wrapper_for): hooks registered on the
     # original layer (user hooks, torch.nn.utils.prune / weight_norm pre-hooks) never run once the layer is
     # wrapped, because the wrapper calls its own op instead of the layer. The plan still says "wrap".
     torch.manual_seed(0)

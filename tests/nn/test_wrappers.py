@@ -311,7 +311,7 @@ def test_register_wrapper_rejects_a_class_that_is_not_a_compressed_layer(isolate
 
 # -- layers whose weight is recomputed by a forward pre-hook ------------------------------------------
 def test_pruned_layer_gets_no_wrapper_or_a_wrapper_that_sees_the_current_weight():
-    # BUG (amct_torch/nn/base.py, CompressedLayer.forward / wrapper_for): the wrapper never calls the original
+    # Regression test (was a bug in amct_torch/nn/base.py, CompressedLayer.forward / wrapper_for): the wrapper never calls the original
     # layer, so the layer's forward pre-hooks and hooks are bypassed. torch.nn.utils.prune (and weight_norm,
     # spectral_norm) recompute ``weight`` in a pre-hook; the wrapper reads the stale tensor computed at
     # prune time: its output diverges from the layer's once weight_orig changes, and a second backward through

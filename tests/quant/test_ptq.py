@@ -10,13 +10,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from amct_torch.config import ConfigError, PerTensor, QuantConfig, Targeting
+from amct_torch.config import ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
 from amct_torch.nn import CompressedLayer
 from amct_torch.quant import (ActivationQuantizer, AdaRoundWeightQuantizer, ArqWeightQuantizer, CalibrationError,
                               calibrate, check_calibrated, quant_layers, quantize, weight_quantizer)
 from amct_torch.quant.formulas import channel_major, fake_quantize, scale_offset
 
 MINMAX = QuantConfig(activation_calibrator="minmax")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: on a busy 2-core machine intra-op threads only add synchronisation cost."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class ConvBNReLUNet(nn.Module):
@@ -150,7 +159,6 @@ def test_arq_grouped_conv_transpose_scale_per_output_channel():
     layer = nn.ConvTranspose2d(4, 6, 2, groups=2)
     w = layer.weight.detach().clone()
     w[2:4, 1] *= 10  # output channel 3 + 1 = 4 (group 1, j = 1) gets large weights
-    from amct_torch.config import PerChannel
     stage = ArqWeightQuantizer(w, 8, PerChannel(), axis=1, groups=2)
     assert stage.scale.shape == (6,)
     for o in range(6):
@@ -232,7 +240,7 @@ def test_calibrate_with_dict_batches_and_unsupported_layers_in_plan():
     assert plan["fc"].action == "wrap"
     for name, kind in (("emb", "Embedding"), ("norm", "LayerNorm")):
         assert plan[name].action == "unsupported"
-        assert kind in plan[name].detail and plan[name].detail  # a reason is given
+        assert kind in plan[name].detail  # the reason names the layer type ("no wrapper for ...")
         assert name in plan.skipped()
     assert type(q.emb) is nn.Embedding and type(q.norm) is nn.LayerNorm
     calibrate(q, [{"input_ids": i} for i in ids], progress=False)
@@ -316,10 +324,8 @@ def _adaround_model(net, batches, bits):
     cfg = QuantConfig(weight_algorithm="adaround", ada_num_iteration=50, activation_calibrator="minmax",
                       weight_bits=bits)
     q = quantize(net, cfg, batches[0])
-    with pytest.raises(CalibrationError, match="AdaRound"):
-        q.conv.input_quantizer.set_factors(0.1, 0)  # activations set by hand: still AdaRound pending
+    with pytest.raises(CalibrationError, match=r"conv \(AdaRound not optimised\)"):
         check_calibrated(q)
-    q.conv.input_quantizer.reset()
     calibrate(q, batches[:2], progress=False)
     check_calibrated(q)
     return q
@@ -351,7 +357,7 @@ def test_adaround_learns_binary_rounding_no_worse_than_nearest(net, batches):
 
 
 def test_adaround_w4_never_worse_than_nearest(net, batches):
-    # BUG: amct_torch/quant/adaround.py, optimize_rounding() always installs the learned rounding, even when its
+    # Regression test (was a bug): amct_torch/quant/adaround.py, optimize_rounding() always installs the learned rounding, even when its
     # reconstruction error is *larger* than round-to-nearest (both are computed: stats error_nearest/error_adaround).
     # Here, 4-bit weights and 50 iterations: conv2 gets 0.0703 vs 0.0625 for nearest (the soft h has not
     # converged to 0/1 yet, so h >= 0.5 is worse than the start point). Fix: if after > before, restore the

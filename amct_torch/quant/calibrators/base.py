@@ -88,3 +88,13 @@ def quant_mse(data: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bo
     """Mean squared error of fake-quantizing ``data`` with the range ``[lo, hi]``."""
     scale, offset = scale_offset(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
     return torch.mean((fake_quantize(data, scale, offset, bits) - data) ** 2).item()
+
+
+def candidate_mse(data: torch.Tensor, los: torch.Tensor, his: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """:func:`quant_mse` for several candidate ranges at once (one row per candidate)."""
+    scale, offset = scale_offset(los, his, bits, symmetric)
+    s = scale.to(data.dtype).unsqueeze(1)
+    o = offset.to(data.dtype).unsqueeze(1)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    fq = (torch.clamp(torch.round(data.unsqueeze(0) / s + o), qmin, qmax) - o) * s
+    return torch.mean((fq - data.unsqueeze(0)) ** 2, dim=1).double()

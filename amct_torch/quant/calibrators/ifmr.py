@@ -13,10 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import quant_mse
+from .base import candidate_mse
 from .percentile import PercentileCalibrator
 
 __all__ = ["IFMRCalibrator"]
+
+_CHUNK = 8  # candidates evaluated together (memory: _CHUNK x the observed data)
 
 
 class IFMRCalibrator(PercentileCalibrator):
@@ -37,13 +39,11 @@ class IFMRCalibrator(PercentileCalibrator):
     def clip_range(self, bits: int, symmetric: bool) -> tuple[float, float]:
         lo0, hi0 = self.percentile_range()
         data = self.store.data()
-        best, best_err = (lo0, hi0), float("inf")
-        self.last_search = []
-        for r in self.ratios():
-            lo = float(r) * lo0 if symmetric else lo0
-            hi = float(r) * hi0
-            err = quant_mse(data, lo, hi, bits, symmetric)
-            self.last_search.append((float(r), err))
-            if err < best_err:
-                best, best_err = (lo, hi), err
-        return best
+        ratios = torch.as_tensor(self.ratios(), dtype=torch.float64)
+        los = ratios * lo0 if symmetric else torch.full_like(ratios, lo0)
+        his = ratios * hi0
+        errors = torch.cat([candidate_mse(data, los[i:i + _CHUNK], his[i:i + _CHUNK], bits, symmetric)
+                            for i in range(0, len(ratios), _CHUNK)])
+        self.last_search = [(float(r), float(e)) for r, e in zip(ratios, errors)]
+        k = int(torch.argmin(errors))  # first minimum on ties
+        return float(los[k]), float(his[k])

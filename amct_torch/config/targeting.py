@@ -49,6 +49,16 @@ def _type_key(key: Any) -> str:
     raise ConfigError("Targeting.module_type", key, "a module class or its name, e.g. 'Conv2d'")
 
 
+def _check_pattern(where: str, key: Any) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"Targeting.{where}", key, "a module path, glob or 're:' regex")
+    if key.startswith("re:"):
+        try:
+            re.compile(key[3:])
+        except re.error as err:
+            raise ConfigError(f"Targeting.{where}[{key!r}]", key, f"a valid regular expression ({err})") from None
+
+
 def _is_pattern(key: str) -> bool:
     return key.startswith("re:") or any(ch in key for ch in "*?[")
 
@@ -69,24 +79,12 @@ class Targeting(Generic[C]):
             types_[_type_key(key)] = self._check(f"module_type[{key!r}]", cfg)
         names = {}
         for key, cfg in (module_name or {}).items():
-            if not isinstance(key, str) or not key:
-                raise ConfigError("Targeting.module_name", key, "a module path, glob or 're:' regex")
-            if key.startswith("re:"):
-                try:
-                    re.compile(key[3:])
-                except re.error as err:
-                    raise ConfigError(f"Targeting.module_name[{key!r}]", key, f"a valid regular expression ({err})") from None
+            _check_pattern("module_name", key)
             names[key] = self._check(f"module_name[{key!r}]", cfg)
         if isinstance(skip, str):
             raise ConfigError("Targeting.skip", skip, "a list of module names or patterns, not one string")
         for key in skip:
-            if not isinstance(key, str) or not key:
-                raise ConfigError("Targeting.skip", key, "a module path, glob or 're:' regex")
-            if key.startswith("re:"):
-                try:
-                    re.compile(key[3:])
-                except re.error as err:
-                    raise ConfigError(f"Targeting.skip[{key!r}]", key, f"a valid regular expression ({err})") from None
+            _check_pattern("skip", key)
         self.default: C | None = self._check("default", default)
         self.module_type: Mapping[str, C | None] = MappingProxyType(types_)
         self.module_name: Mapping[str, C | None] = MappingProxyType(names)

@@ -12,12 +12,9 @@ quantizers run ``torch.ops.amct.fake_quant`` with fixed factors, which we transl
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,6 +23,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 from onnxscript import opset20 as op
 
+from .._quiet import quiet
 from ..graph.capture import normalize_inputs
 from ..nn import CompressedLayer
 from ..quant.formulas import qrange
@@ -36,21 +34,6 @@ from ..quant.quantizers import ActivationQuantizer, ArqWeightQuantizer
 __all__ = ["export_qdq_model"]
 
 _LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter prints progress lines and logs warnings for every model; keep the user's console clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 class _FrozenQuantWeight(nn.Module):
@@ -278,7 +261,8 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
     export_model = copy.deepcopy(model).eval()
     _prepare_for_onnx(export_model)
     args, kwargs = normalize_inputs(example_inputs)
-    with _quiet(), torch.no_grad(), warnings.catch_warnings():
+    with quiet(("torch.onnx", "torch.export", "torch._export", "onnxscript"), stdout=True), torch.no_grad(), \
+            warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*dynamic_axes.*")
         program = torch.onnx.export(export_model, args, kwargs=kwargs or None, dynamo=True, input_names=input_names,
                                     output_names=output_names, dynamic_axes=dynamic_axes,

@@ -19,19 +19,18 @@ traceback shows it) are kept in :attr:`CapturedGraph.attempts` and printed by ``
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._quiet import quiet
 from ..nn import CompressedLayer, wrapper_for
 
 __all__ = ["capture", "CapturedGraph", "CaptureAttempt", "Node", "CaptureError", "normalize_inputs"]
@@ -162,25 +161,12 @@ def _from_fx(model: nn.Module) -> tuple[list[Node], fx.GraphModule]:
     return _link(nodes.values()), gm
 
 
-@contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """torch.export logs (and prints to stderr) its partial graph when it fails; we report the failure."""
-    names = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",
-             "torch._subclasses.fake_tensor")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",
+                   "torch._subclasses.fake_tensor")
 
 
 def _from_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[Node], Any]:
-    with _quiet_torch_logs():
+    with quiet(_EXPORT_LOGGERS, stderr=True):  # a failed export prints its partial graph; we report it ourselves
         ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
     user_inputs = set(ep.graph_signature.user_inputs)
     leaf_cache: dict[str, bool] = {}

@@ -15,30 +15,21 @@ from __future__ import annotations
 
 import torch
 
-from .base import Calibrator
-from .histogram import RunningHistogram, histogram_error
+from .histogram import HistogramCalibrator, histogram_error
 
 __all__ = ["HFMGCalibrator"]
 
 _TRIMS = (0.0, 1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
-class HFMGCalibrator(Calibrator):
+class HFMGCalibrator(HistogramCalibrator):
     name = "hfmg"
 
     def __init__(self, num_of_bins: int = 4096):
-        super().__init__()
-        self.hist = RunningHistogram(num_of_bins)
-
-    def observe(self, x: torch.Tensor) -> None:
-        self.hist.add(x)
-
-    def reset(self) -> None:
-        self.hist.reset()
+        super().__init__(num_of_bins)
 
     def clip_range(self, bits: int, symmetric: bool) -> tuple[float, float]:
-        if self.hist.empty:
-            raise RuntimeError("hfmg calibrator has observed nothing")
+        self._check_observed()
         counts, centres, bins = self.hist.counts, self.hist.centres(), self.hist.bins
         if symmetric:
             return self._symmetric(centres, counts, bits)

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 from ..formulas import scale_offset
+from .base import Calibrator
 
-__all__ = ["RunningHistogram", "histogram_error"]
+__all__ = ["RunningHistogram", "HistogramCalibrator", "histogram_error"]
 
 
 class RunningHistogram(nn.Module):
@@ -71,3 +72,21 @@ def histogram_error(centres: torch.Tensor, counts: torch.Tensor, los: torch.Tens
     q = torch.clamp(torch.round(centres.unsqueeze(0) / s + o), qmin, qmax)
     err = ((q - o) * s - centres.unsqueeze(0)) ** 2
     return (err * counts.unsqueeze(0)).sum(dim=1)
+
+
+class HistogramCalibrator(Calibrator):
+    """Base of the calibrators that search a range on a :class:`RunningHistogram` (constant memory)."""
+
+    def __init__(self, num_of_bins: int):
+        super().__init__()
+        self.hist = RunningHistogram(num_of_bins)
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.hist.add(x)
+
+    def reset(self) -> None:
+        self.hist.reset()
+
+    def _check_observed(self) -> None:
+        if self.hist.empty:
+            raise RuntimeError(f"{self.name} calibrator has observed nothing")

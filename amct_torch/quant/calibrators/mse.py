@@ -8,29 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from .base import Calibrator
-from .histogram import RunningHistogram, histogram_error
+from .histogram import HistogramCalibrator, histogram_error
 
 __all__ = ["MSECalibrator"]
 
 
-class MSECalibrator(Calibrator):
+class MSECalibrator(HistogramCalibrator):
     name = "mse"
 
     def __init__(self, num_of_bins: int = 2048, steps: int = 100):
-        super().__init__()
-        self.hist = RunningHistogram(num_of_bins)
+        super().__init__(num_of_bins)
         self.steps = steps
 
-    def observe(self, x: torch.Tensor) -> None:
-        self.hist.add(x)
-
-    def reset(self) -> None:
-        self.hist.reset()
-
     def clip_range(self, bits: int, symmetric: bool) -> tuple[float, float]:
-        if self.hist.empty:
-            raise RuntimeError("mse calibrator has observed nothing")
+        self._check_observed()
         lo, hi = min(self.hist.lo.item(), 0.0), max(self.hist.hi.item(), 0.0)
         f = torch.arange(1, self.steps + 1, dtype=torch.float64) / self.steps
         err = histogram_error(self.hist.centres(), self.hist.counts, f * lo, f * hi, bits, symmetric)

@@ -61,12 +61,14 @@ class ActivationQuantizer(nn.Module):
         if enabled and self.bits != 8:
             raise ValueError(f"{self.bits}-bit activations have no standard Q/DQ form in the ONNX export (INT8 only)")
         self.onnx_mode = enabled
-        self._onnx_factors = (self.scale.detach().clone(), self.offset.detach().to(torch.int8)) if enabled else None
+        # exported as uint8 with zero point offset + 128: the same real values as int8 with ``offset``
+        # (q_u8 = q_s8 + 128), and the activation type onnxruntime's x86 integer kernels are fastest with
+        zero_point = (self.offset.detach().to(torch.int32) + 128).to(torch.uint8)
+        self._onnx_factors = (self.scale.detach().clone(), zero_point) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onnx_mode:
-            qmin, qmax = qrange(self.bits)
-            return fake_quant_op(x, *self._onnx_factors, 0, qmin, qmax)
+            return fake_quant_op(x, *self._onnx_factors, 0, 0, 255)
         if not self.is_calibrated:
             self.calibrator.observe(x)
             self.batches_seen += 1

@@ -209,11 +209,13 @@ def test_qdq_node_names_and_int8_weights(exported):
         np.testing.assert_array_equal(numpy_helper.to_array(w), stage.integer_weight(module_w).numpy())
         scale = numpy_helper.to_array(inits[wdq.input[1]])
         np.testing.assert_array_equal(scale, stage.scale.numpy())
-        # activation factors: scale_d and the zero point = offset_d
+        # activation factors: scale_d, and uint8 zero point = offset_d + 128 (the same real values as int8 with
+        # offset_d; onnxruntime's x86 integer kernels want uint8 activations)
         aq = getattr(exported.model, layer).input_quantizer
         consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         assert float(consts[q.input[1]]) == float(aq.scale)
-        assert int(consts[q.input[2]]) == int(aq.offset)
+        assert consts[q.input[2]].dtype == np.uint8
+        assert int(consts[q.input[2]]) == int(aq.offset) + 128
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in g.node)  # weights pre-quantized
 
 

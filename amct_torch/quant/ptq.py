@@ -97,7 +97,7 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
         example_inputs: inputs for graph capture (tensor, tuple, or dict of keyword inputs).
         fold_bn: fold Conv+BatchNorm first (AMCT's ``do_fusion``); ``skip_fusion_layers`` excludes some.
         quantize_outputs: ``auto`` adds an output quantizer to every quantized layer whose output does
-            not go (directly or through one ReLU) only into quantized layers, e.g. a conv feeding a
+            not go (directly or through one ReLU/ReLU6) only into quantized layers, e.g. a conv feeding a
             residual add. ONNX Runtime then runs every such layer as an integer kernel (QLinearConv)
             instead of dequantizing around it. ``none`` quantizes layer inputs only, as AMCT does.
         inplace: modify ``model`` itself.
@@ -129,7 +129,8 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
 
 
 _TRANSPARENT = (nn.Identity, nn.Dropout)
-_RELU_FUNCS = {"relu", "relu_", "aten.relu.default", "aten.relu_.default"}
+_RELU_FUNCS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "aten.relu.default", "aten.relu_.default",
+               "aten.hardtanh.default", "aten.hardtanh_.default", "aten.relu6.default"}
 
 
 def _consumers(node: Node, model: nn.Module) -> list[Node]:
@@ -145,7 +146,7 @@ def _consumers(node: Node, model: nn.Module) -> list[Node]:
 
 def _is_relu(node: Node, model: nn.Module) -> bool:
     if node.kind == "module":
-        return isinstance(model.get_submodule(node.target), nn.ReLU)
+        return isinstance(model.get_submodule(node.target), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
     return node.kind == "function" and node.target in _RELU_FUNCS
 
 

@@ -28,7 +28,8 @@ from ..config import ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
 from ..config.amct_cfg import read_calibration_cfg, resolve_layer_configs
 from ..config.amct_json import AmctGlobal, read_quant_json, write_quant_json
 from ..config.record import read_record, write_record
-from ..export.api import record_of, write_all
+from ..export.api import record_of
+from ..export.files import write_all
 from ..export.deploy import qdq_to_deploy
 from ..export.onnx_qdq import export_qdq_model
 from ..export.qdq_insert import insert_qdq

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import torch.nn as nn
@@ -23,9 +23,10 @@ from ..config.record import Record, write_record
 from ..quant.ptq import check_calibrated, quant_layers, weight_quantizer
 from ..quant.quantizers import ActivationQuantizer
 from .deploy import DeployReport, qdq_to_deploy
+from .files import write_all
 from .onnx_qdq import export_qdq_model
 
-__all__ = ["export", "ExportResult", "record_of", "write_all"]
+__all__ = ["export", "ExportResult", "record_of"]
 
 
 @dataclass
@@ -58,46 +59,6 @@ def record_of(model: nn.Module) -> Record:
                           wts_type=f"INT{stage.bits if stage.bits in (4, 8, 16) else 8}")
         record.set_layer(name, **fields)
     return record
-
-
-def _temp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
-    """Write several files all or nothing.
-
-    Each file is written to a temporary name first; only when all succeeded are they moved into place,
-    and if a move fails the files moved so far are restored from backups of what was there before.
-    """
-    for path in writers:
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory; nothing was written")
-        path.parent.mkdir(parents=True, exist_ok=True)
-    temps = {path: _temp(path) for path in writers}
-    backups: dict[Path, Path] = {}
-    moved: list[Path] = []
-    try:
-        for path, write in writers.items():
-            write(temps[path])
-        for path in writers:
-            if path.exists():
-                backups[path] = path.with_name(f".{path.name}.bak-{os.getpid()}")
-                os.replace(path, backups[path])
-            os.replace(temps[path], path)
-            moved.append(path)
-    except BaseException:
-        for path in moved:
-            path.unlink(missing_ok=True)
-        for path, backup in backups.items():
-            if backup.exists():
-                os.replace(backup, path)
-        raise
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        for backup in backups.values():
-            backup.unlink(missing_ok=True)
 
 
 def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any, *, record_file: str | os.PathLike | None = None,

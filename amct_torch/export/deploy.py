@@ -52,6 +52,7 @@ import copy
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +60,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .ascend_ops import ASCEND_DOMAIN, deq_from_param, unpack_int4
+from .files import write_all
 
 __all__ = [
     "qdq_to_deploy", "DeployReport", "ConvertedLayer", "UnsupportedLayer", "DeployConversionError",
@@ -865,12 +867,10 @@ def convert_qat_model(model_file: str | os.PathLike, save_path: str,
     model = onnx.load(os.fspath(model_file))
     fake = fake_quant_from_qdq(model)
     deploy, report = qdq_to_deploy(model, on_unsupported=on_unsupported)
-    directory = os.path.dirname(os.fspath(save_path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    onnx.save(deploy, f"{save_path}_deploy_model.onnx")
-    onnx.save(fake, f"{save_path}_fake_quant_model.onnx")
+    prefix = Path(os.fspath(save_path))
+    writers = {prefix.with_name(prefix.name + "_deploy_model.onnx"): lambda p: onnx.save(deploy, p),
+               prefix.with_name(prefix.name + "_fake_quant_model.onnx"): lambda p: onnx.save(fake, p)}
     if record_file is not None:
-        with open(record_file, "w", encoding="utf-8") as f:
-            f.write(report.to_record_text())
+        writers[Path(record_file)] = lambda p: Path(p).write_text(report.to_record_text(), encoding="utf-8")
+    write_all(writers)
     return report

@@ -49,7 +49,11 @@ def median_ms(fn: Callable[[], Any], repeats: int = REPEATS, warmup: int = 3) ->
 
 
 def _logits(out: Any) -> torch.Tensor:
-    return getattr(out, "logits", out)
+    """The main output tensor: ``logits`` (classifiers, LMs), ``last_hidden_state`` (encoders) or the tensor."""
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(out, key):
+            return getattr(out, key)
+    return out
 
 
 def measure(name: str, model: nn.Module, x: Any, metric: Callable[[nn.Module], float] | None) -> dict[str, Any]:

@@ -207,6 +207,44 @@ def _transpose_weights(model: onnx.ModelProto) -> None:
             g.node.remove(tr)
 
 
+def _drop_redundant_clips(model: onnx.ModelProto) -> None:
+    """Bypass ``Clip(lo, hi) -> QuantizeLinear`` when the clip cannot change the quantized value.
+
+    That holds when ``lo`` quantizes to ``qmin`` or below and ``hi`` to ``qmax`` or above: everything the
+    clip would cut is saturated by the quantizer anyway. (A ReLU6 whose output range was calibrated to
+    [0, 6] is the common case; onnxruntime only fuses it when the float bounds match to 1 ulp.)
+    """
+    g = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"}
+    value = lambda name: inits.get(name, consts.get(name))  # noqa: E731
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    for clip in [n for n in g.node if n.op_type == "Clip" and len(n.input) == 3]:
+        users = consumers.get(clip.output[0], [])
+        lo, hi = value(clip.input[1]), value(clip.input[2])
+        if clip.output[0] in outputs or lo is None or hi is None or not users \
+                or any(u.op_type != "QuantizeLinear" for u in users):
+            continue
+        safe = True
+        for q in users:
+            scale, zp = value(q.input[1]), value(q.input[2])
+            if scale is None or zp is None or scale.size != 1:
+                safe = False
+                break
+            info = np.iinfo(zp.dtype)
+            q_lo = np.rint(np.float32(lo) / np.float32(scale)) + int(zp)
+            q_hi = np.rint(np.float32(hi) / np.float32(scale)) + int(zp)
+            safe &= bool(q_lo <= info.min and q_hi >= info.max)
+        if safe:
+            for q in users:
+                q.input[0] = clip.input[0]
+            g.node.remove(clip)
+
+
 def _unique_dequantize(model: onnx.ModelProto) -> None:
     """Give every consumer of a shared DequantizeLinear its own copy (and of the QuantizeLinear before it).
 
@@ -272,6 +310,7 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
     weight_q = _rename(proto, layers)
     _fold_weight_quant(proto, weight_q)
     _transpose_weights(proto)
+    _drop_redundant_clips(proto)
     _unique_dequantize(proto)
     for node in proto.graph.node:  # exporter debug metadata (stack traces, fx nodes) would double the file
         del node.metadata_props[:]

@@ -83,3 +83,42 @@ def test_inputs_only_leaves_convs_feeding_the_add_in_float(calibrated, tmp_path)
 def test_bad_quantize_outputs_value_is_rejected(calibrated):
     with pytest.raises(ValueError, match="quantize_outputs: got 'some'"):
         amct_torch.quantize(Net().eval(), None, calibrated, quantize_outputs="some")
+
+
+class Relu6Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.act, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.act(self.c1(x)))
+
+
+def test_a_relu6_the_next_quantizer_saturates_anyway_is_dropped_from_the_onnx_model(tmp_path):
+    torch.manual_seed(0)
+    model = Relu6Net().eval()
+    with torch.no_grad():
+        model.c1.weight.mul_(20)  # ReLU6 saturates: the next layer's range is calibrated to [0, 6]
+    x = torch.randn(4, 3, 8, 8)
+    q = amct_torch.quantize(model, QuantConfig(activation_calibrator="minmax"), x)
+    amct_torch.calibrate(q, [x], progress=False)
+    res = amct_torch.export(q, tmp_path / "n", x)
+    assert "Clip" not in {n.op_type for n in res.fake_quant_model.graph.node}
+    sess = ort.InferenceSession(str(res.fake_quant))
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = q(x).numpy()
+    assert (abs(y - expected)).max() < 0.05
+    assert optimized_ops(res.fake_quant, tmp_path)["QLinearConv"] == 1  # c1; c2 feeds the float model output
+
+
+def test_a_relu6_that_still_cuts_values_is_kept(tmp_path):
+    torch.manual_seed(0)
+    model = Relu6Net().eval()
+    with torch.no_grad():
+        model.c1.bias.fill_(-100.0)  # ReLU6 output is all zero: the range falls back to scale 1, [0, 255] > 6
+    x = torch.randn(4, 3, 8, 8)
+    q = amct_torch.quantize(model, QuantConfig(activation_calibrator="minmax"), x)
+    amct_torch.calibrate(q, [x], progress=False)
+    res = amct_torch.export(q, tmp_path / "n", x)
+    assert "Clip" in {n.op_type for n in res.fake_quant_model.graph.node}

@@ -179,3 +179,12 @@ def load_minilm() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 def bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(model, tokenized inputs); loaded once per test module. Tests must not modify the model."""
     return load_minilm()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small tensor ops: on a busy 2-core machine intra-op threads only add synchronisation cost."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -106,22 +106,22 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
     The returned model has ``amct_plan`` (fold + quantize plan). Run ``batch_num`` calibration batches
     (``calibrate``), then ``export``.
     """
+    if quantize_outputs not in ("auto", "none"):
+        raise ValueError(f"quantize_outputs: got {quantize_outputs!r}; allowed: 'auto' or 'none'")
     config = QuantConfig() if config is None else config
     targeting = config if isinstance(config, Targeting) else Targeting(config)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     graph = capture(model, example_inputs)
-    plans: list[Plan] = []
+    folded = []
     if fold_bn:
         model, fold_plan = fold_batch_norm(model, graph=graph, skip=skip_fusion_layers, inplace=True)
-        plans.append(fold_plan)
+        folded = fold_plan.layers
     model, plan = swap_layers(model, targeting, graph=graph, attach=_attach, inplace=True, title="quantize")
-    if quantize_outputs not in ("auto", "none"):
-        raise ValueError(f"quantize_outputs: got {quantize_outputs!r}; allowed: 'auto' or 'none'")
     if quantize_outputs == "auto":
         _add_output_quantizers(model, graph, plan)
-    plan.layers = [lp for lp in plans[0].layers] + plan.layers if plans else plan.layers
+    plan.layers = folded + plan.layers
     model.amct_plan = plan
     if verbose:
         print(plan)

@@ -23,13 +23,7 @@ FILES = ("fake_quant", "deploy", "record")
 SUFFIXES = ("_fake_quant_model.onnx", "_deploy_model.onnx", "_record.txt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: on a busy 2-core machine intra-op threads only add synchronisation cost."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallCNN(nn.Module):

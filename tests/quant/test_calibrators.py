@@ -23,13 +23,7 @@ def fq_mse(data: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool)
     return float(np.mean(((q - o) * s - x) ** 2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor ops: on a busy 2-core machine intra-op threads only add synchronisation cost."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from amct_torch.quant.formulas import channel_major, fake_quantize, scale_offset
 MINMAX = QuantConfig(activation_calibrator="minmax")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: on a busy 2-core machine intra-op threads only add synchronisation cost."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvBNReLUNet(nn.Module):

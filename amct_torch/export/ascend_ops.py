@@ -93,7 +93,7 @@ def _round(values: np.ndarray, mode: str) -> np.ndarray:
         return np.ceil(values)
     if mode == "trunc":
         return np.trunc(values)
-    raise NotImplementedError(f"AscendQuant round_mode {mode!r} is not implemented by the reference op")
+    raise ValueError(f"AscendQuant round_mode {mode!r}: allowed Round, Floor, Ceil, Trunc")
 
 
 class AscendQuant(OpRun):
@@ -106,7 +106,7 @@ class AscendQuant(OpRun):
             raise ValueError("AscendQuant needs the 'scale' attribute")
         dst = _as_str(dst_type).upper()
         if dst not in QRANGE:
-            raise NotImplementedError(f"AscendQuant dst_type {dst!r} is not supported (INT8, INT4)")
+            raise ValueError(f"AscendQuant dst_type {dst!r}: allowed INT8, INT4")
         qmin, qmax = QRANGE[dst]
         s = np.float32(scale)
         if sqrt_mode:
@@ -122,7 +122,7 @@ def deq_from_param(param: np.ndarray) -> np.ndarray:
     if p.dtype != np.uint64:
         raise TypeError(f"deq_param must be uint64, got {p.dtype}")
     if np.any(p >> np.uint64(32)):
-        raise NotImplementedError("deq_param has bits above [31:0] set (offset_w / shift_n); the reference "
+        raise ValueError("deq_param has bits above [31:0] set (offset_w / shift_n); the reference "
                                   "supports AMCT's symmetric weights (offset_w = 0) only")
     return (p & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
 

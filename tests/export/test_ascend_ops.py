@@ -117,7 +117,7 @@ def test_dequant_rejects_weight_offset_bits():
     p = pack_deq_param(np.float32(0.5), 1.0)
     x = np.array([[4, -6]], dtype=np.int32)
     np.testing.assert_array_equal(_run(_dequant_model(p), x=x), [[2.0, -3.0]])
-    with pytest.raises(NotImplementedError):  # offset_w in bits [47:40]: asymmetric weights are not AMCT's format
+    with pytest.raises(ValueError, match="bits above"):  # offset_w in bits [47:40]: asymmetric weights are not AMCT's format
         deq_from_param(p | (np.uint64(3) << np.uint64(40)))
 
 

@@ -23,7 +23,7 @@ from .config import (Config, ConfigError, Granularity, PerChannel, PerGroup, Per
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import CalibrationError, calibrate, quantize
-from .export import export
+from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
 from .compat import create_quant_config, quantize_model, save_model
 
 __version__ = "0.1.0"

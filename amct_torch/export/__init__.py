@@ -1,9 +1,14 @@
-"""Export to Huawei AMCT / ATC formats.
+"""Export: ONNX for ONNX Runtime and Huawei ATC, and AMCT's record.
 
+* :func:`export` — the verb (also ``amct_torch.export(model, prefix, x)``: this package is callable):
+  fake-quant QDQ ONNX + deploy ONNX + record, all or nothing.
 * :func:`qdq_to_deploy` — QuantizeLinear/DequantizeLinear ONNX -> AMCT deploy ONNX (AscendQuant / int8 layer /
   AscendDequant), with a :class:`DeployReport` of converted and kept-float layers.
 * :func:`make_reference_evaluator` — run a deploy model on the CPU with reference implementations of the Ascend ops.
 """
+
+import sys
+import types
 
 from .ascend_ops import (ASCEND_DOMAIN, AscendAntiQuant, AscendDequant, AscendQuant, lower_for_reference,
                          make_reference_evaluator)
@@ -19,3 +24,14 @@ from .api import ExportResult, export, record_of
 from .onnx_qdq import export_qdq_model
 
 __all__ += ["ExportResult", "export", "record_of", "export_qdq_model"]
+
+
+class _CallableModule(types.ModuleType):
+    """``amct_torch.export`` is this package *and* the :func:`export` verb: ``amct_torch.export(model, ...)``
+    writes the deployable files, ``amct_torch.export.make_reference_evaluator`` etc. stay reachable."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

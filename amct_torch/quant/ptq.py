@@ -197,14 +197,14 @@ def _batches(data: Any) -> Iterable[tuple[tuple, dict]]:
             yield (batch,), {}
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "calibrating", unit: str = "batch"):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with lightning; without it, no bar
         return None
-    return tqdm(total=total, desc="calibrating", unit="batch", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, *, progress: bool = True) -> nn.Module:
@@ -256,8 +256,13 @@ def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, *, pr
         raise CalibrationError(f"calibration ran {seen} batches; still uncalibrated (batches seen/needed): "
                                + ", ".join(f"{n} {v}" for n, v in missing.items())
                                + ". Give more batches (num_batches / a longer loader) or lower batch_num.")
+    bar = _progress(len(ada), progress and bool(ada), desc="AdaRound", unit="layer")
     for name, layer in ada.items():
         _adaround(layer, cached[name])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return model
 
 

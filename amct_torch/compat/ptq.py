@@ -33,7 +33,7 @@ from ..export.files import write_all
 from ..export.deploy import qdq_to_deploy
 from ..export.onnx_qdq import export_qdq_model
 from ..export.qdq_insert import insert_qdq
-from ..graph import capture, fold_batch_norm, swap_layers
+from ..graph import fold_batch_norm, swap_layers
 from ..nn import CompressedLayer
 from ..quant.ptq import activation_quantizers, calibrate, quant_layers, quantize, weight_quantizer
 

@@ -62,6 +62,8 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from ._onnx_util import name_allocator, taken_names, weight_in_axis
+
 __all__ = [
     "ASCEND_DOMAIN", "AscendQuant", "AscendDequant", "AscendAntiQuant", "ASCEND_OPS", "QRANGE",
     "make_reference_evaluator", "lower_for_reference", "deq_from_param", "unpack_int4",
@@ -196,18 +198,6 @@ def unpack_int4(packed: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, -1, axis)
 
 
-def _cin_axis(node: onnx.NodeProto, weight_rank: int) -> int:
-    """Axis of the input channels (the reduction axis) in the weight of an integer layer."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "ConvTranspose":
-        return 0
-    if node.op_type == "Gemm":
-        return 1 if attrs.get("transB", 0) else 0
-    return weight_rank - 2  # MatMul: (..., K, N)
-
-
 def lower_for_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     """An evaluation copy of a deploy model in which integer layers run on exact float64 arithmetic.
 
@@ -222,17 +212,7 @@ def lower_for_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-    used_names = {t.name for t in g.initializer} | {i.name for i in g.input}
-    used_names |= {o for n in g.node for o in n.output}
-    used_names |= {n.name for n in g.node}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in used_names:
-            k += 1
-            name = f"{base}_{k}"
-        used_names.add(name)
-        return name
+    fresh = name_allocator(taken_names(g))
 
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -255,7 +235,7 @@ def lower_for_reference(model: onnx.ModelProto) -> onnx.ModelProto:
             dst = _as_str(qattrs.get("dst_type", "INT8")).upper()
         w = w.astype(np.int8)
         if dst == "INT4":
-            w = unpack_int4(w, _cin_axis(node, w.ndim))
+            w = unpack_int4(w, weight_in_axis(node, w.ndim))
         x_d = fresh(f"{tag}.ref.x_double")
         new_nodes.append(helper.make_node("Cast", [node.input[0]], [x_d], to=onnx.TensorProto.DOUBLE,
                                           name=fresh(f"{tag}.ref.cast_in")))

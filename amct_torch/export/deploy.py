@@ -60,6 +60,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .ascend_ops import ASCEND_DOMAIN, deq_from_param, unpack_int4
+from ._onnx_util import name_allocator, taken_names, weight_in_axis, weight_out_axis
 from .files import write_all
 
 __all__ = [
@@ -354,28 +355,6 @@ def _same_qparams(a: _QParams, b: _QParams) -> bool:
         and (a.scale.size == 1 or a.axis == b.axis) and a.block_size == b.block_size)
 
 
-def _out_axis(node: onnx.NodeProto, w_rank: int) -> int:
-    a = _attrs(node)
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if a.get("transB", 0) else 1
-    return w_rank - 1
-
-
-def _cin_axis(node: onnx.NodeProto, w_rank: int) -> int:
-    a = _attrs(node)
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "ConvTranspose":
-        return 0
-    if node.op_type == "Gemm":
-        return 1 if a.get("transB", 0) else 0
-    return w_rank - 2
-
-
 def _activation(view: _GraphView, node: onnx.NodeProto) -> tuple[str, _QParams] | None:
     """(float input of the activation Q, its params), None if the input is not dequantized at all."""
     dq = view.single(node.input[0], "DequantizeLinear")
@@ -487,7 +466,7 @@ def _analyze(view: _GraphView, node: onnx.NodeProto, name: str) -> _LayerPlan | 
         raise _Unsupported(f"MatMul weight of rank {w_q.ndim} (2-D weights only)")
     if node.op_type == "Gemm" and w_q.ndim != 2:
         raise _Unsupported("Gemm weight is not 2-D")
-    out_axis = _out_axis(node, w_q.ndim)
+    out_axis = weight_out_axis(node, w_q.ndim)
     group = int(a.get("group", 1))
     n_out = w_q.shape[out_axis] * (group if node.op_type == "ConvTranspose" else 1)
     if wq.scale.size == 1:
@@ -509,7 +488,7 @@ def _analyze(view: _GraphView, node: onnx.NodeProto, name: str) -> _LayerPlan | 
 
     # INT4: packed only when both sides are 4-bit (the layer's AscendQuant dst_type marks the packing).
     pack_axis = None
-    cin_axis = _cin_axis(node, w_q.ndim)
+    cin_axis = weight_in_axis(node, w_q.ndim)
     if dst == "INT4":
         if w_q.min() < -8 or w_q.max() > 7:
             raise _Unsupported("INT4 activations with INT8 weights (INT4 layers need INT4 weights)")
@@ -602,16 +581,7 @@ def qdq_to_deploy(model: onnx.ModelProto, *, on_unsupported: Literal["keep_float
     view = _GraphView(g)
     report = DeployReport()
 
-    used = {n.name for n in g.node if n.name} | {o for n in g.node for o in n.output} | set(view.inits) \
-        | {i.name for i in g.input}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        return name
+    fresh = name_allocator(taken_names(g))
 
     # layer names (unnamed nodes get "<op_type>_<index>")
     names: dict[int, str] = {}

@@ -30,6 +30,7 @@ from ..quant.formulas import qrange
 from ..quant.ptq import weight_quantizer
 from ..quant.qdq_op import fake_quant as fake_quant_op
 from ..quant.quantizers import ActivationQuantizer, ArqWeightQuantizer
+from ._onnx_util import name_allocator
 
 __all__ = ["export_qdq_model"]
 
@@ -146,20 +147,11 @@ def _fold_weight_quant(model: onnx.ModelProto, names: dict[str, str]) -> None:
 def _rename(model: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
     """Rename nodes after their layer's module path; returns ``{weight QuantizeLinear name: layer}``."""
     weight_q: dict[str, str] = {}
-    taken: set[str] = set()
-
-    def unique(name: str) -> str:
-        out, k = name, 1
-        while out in taken:
-            k += 1
-            out = f"{name}_{k}"
-        taken.add(out)
-        return out
-
-    for node in model.graph.node:
-        layer, role = _owner(_scopes(node), layers)
+    owners = [_owner(_scopes(node), layers) for node in model.graph.node]
+    unique = name_allocator((n.name for n, (layer, _) in zip(model.graph.node, owners) if layer is None),
+                            first_suffix=2)
+    for node, (layer, role) in zip(model.graph.node, owners):
         if layer is None:
-            taken.add(node.name)
             continue
         if role == "op" and node.op_type in _LAYER_OPS:
             node.name = unique(layer)

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..config.record import Record
+from ._onnx_util import weight_out_axis
 
 __all__ = ["insert_qdq", "InsertError"]
 
@@ -27,16 +28,6 @@ _BITS = {"INT4": 4, "INT8": 8, "INT16": 16}
 
 class InsertError(ValueError):
     """The record and the model do not fit together (missing layer, shape mismatch)."""
-
-
-def _weight_axis(node: onnx.NodeProto) -> int:
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if any(a.name == "transB" and a.i == 1 for a in node.attribute) else 1
-    if node.op_type == "MatMul":
-        return 1
-    return 0
 
 
 def insert_qdq(model: onnx.ModelProto, record: Record, *, strict: bool = True) -> onnx.ModelProto:
@@ -73,7 +64,7 @@ def insert_qdq(model: onnx.ModelProto, record: Record, *, strict: bool = True) -
             if len(node.input) < 2 or node.input[1] not in inits:
                 raise InsertError(f"layer {name!r}: its weight is not an initializer of the model")
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            axis = _weight_axis(node)
+            axis = weight_out_axis(node, w.ndim)
             scale = np.asarray(rec.scale_w, np.float32)
             if scale.size not in (1, w.shape[axis]):
                 raise InsertError(f"layer {name!r}: {scale.size} weight scales for {w.shape[axis]} output channels")

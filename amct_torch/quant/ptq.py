@@ -20,8 +20,7 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
 from ..graph import CapturedGraph, Node, Plan, capture, fold_batch_norm, swap_layers
-from ..graph.capture import normalize_inputs
-from ..nn import CompressedAvgPool, CompressedConv, CompressedConvTranspose, CompressedLayer
+from ..nn import CompressedAvgPool, CompressedConvTranspose, CompressedLayer
 from .adaround import AdaRoundWeightQuantizer, optimize_rounding
 from .calibrators import make_calibrator
 from .quantizers import ActivationQuantizer, ArqWeightQuantizer, CalibrationError

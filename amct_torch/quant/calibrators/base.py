@@ -12,9 +12,9 @@ from abc import ABCMeta, abstractmethod
 import torch
 import torch.nn as nn
 
-from ..formulas import fake_quantize, scale_offset
+from ..formulas import scale_offset
 
-__all__ = ["Calibrator", "SampleStore", "quant_mse"]
+__all__ = ["Calibrator", "SampleStore", "candidate_mse"]
 
 MAX_SAMPLES_PER_BATCH = 1 << 22
 
@@ -84,14 +84,8 @@ def kth_smallest(data: torch.Tensor, fraction: float) -> float:
     return torch.kthvalue(data, min(n, k + 1)).values.item()
 
 
-def quant_mse(data: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool) -> float:
-    """Mean squared error of fake-quantizing ``data`` with the range ``[lo, hi]``."""
-    scale, offset = scale_offset(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
-    return torch.mean((fake_quantize(data, scale, offset, bits) - data) ** 2).item()
-
-
 def candidate_mse(data: torch.Tensor, los: torch.Tensor, his: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """:func:`quant_mse` for several candidate ranges at once (one row per candidate)."""
+    """Mean squared error of fake-quantizing ``data`` with each candidate range ``[los[k], his[k]]`` (one row each)."""
     scale, offset = scale_offset(los, his, bits, symmetric)
     s = scale.to(data.dtype).unsqueeze(1)
     o = offset.to(data.dtype).unsqueeze(1)

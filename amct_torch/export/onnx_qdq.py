@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnxscript import opset20 as op
 
 from .._quiet import quiet
@@ -144,13 +144,23 @@ def _fold_weight_quant(model: onnx.ModelProto, names: dict[str, str]) -> None:
     g.initializer.extend(keep)
 
 
-def _rename(model: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
-    """Rename nodes after their layer's module path; returns ``{weight QuantizeLinear name: layer}``."""
+def _rename(model: onnx.ModelProto, layers: set[str], quantizers: set[str] = frozenset()) -> dict[str, str]:
+    """Rename nodes after their layer's module path; returns ``{weight QuantizeLinear name: layer}``.
+
+    ``quantizers``: paths of activation quantizers outside layers (inserted after adds, pools, ...): their
+    Q/DQ become ``<path>.quant`` / ``<path>.dequant``.
+    """
     weight_q: dict[str, str] = {}
     owners = [_owner(_scopes(node), layers) for node in model.graph.node]
-    unique = name_allocator((n.name for n, (layer, _) in zip(model.graph.node, owners) if layer is None),
-                            first_suffix=2)
-    for node, (layer, role) in zip(model.graph.node, owners):
+    standalone = [next((s for s in reversed(_scopes(node)) if s in quantizers), None)
+                  if layer is None and node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
+                  for node, (layer, _) in zip(model.graph.node, owners)]
+    unique = name_allocator((n.name for n, (layer, _), q in zip(model.graph.node, owners, standalone)
+                             if layer is None and q is None), first_suffix=2)
+    for node, (layer, role), quantizer in zip(model.graph.node, owners, standalone):
+        if quantizer is not None:
+            node.name = unique(f"{quantizer}.{'quant' if node.op_type == 'QuantizeLinear' else 'dequant'}")
+            continue
         if layer is None:
             continue
         if role == "op" and node.op_type in _LAYER_OPS:
@@ -197,6 +207,80 @@ def _transpose_weights(model: onnx.ModelProto) -> None:
     for tr in drop:
         if not any(tr.output[0] in n.input for n in g.node):
             g.node.remove(tr)
+
+
+def _global_average_pools(model: onnx.ModelProto) -> None:
+    """``ReduceMean`` over every spatial axis with ``keepdims=1`` -> ``GlobalAveragePool`` (the same values).
+
+    ``adaptive_avg_pool2d(x, 1)`` exports as ReduceMean, which ONNX Runtime has no integer kernel for;
+    between a DequantizeLinear and a QuantizeLinear, GlobalAveragePool runs as QLinearGlobalAveragePool.
+    """
+    g = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.input]
+             if v.type.tensor_type.HasField("shape")}
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    for i, node in enumerate(g.node):
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in consts:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        rank = ranks.get(node.input[0])
+        if attrs.get("keepdims", 1) != 1 or rank is None or rank < 3:
+            continue
+        axes = sorted(int(a) % rank for a in np.atleast_1d(consts[node.input[1]]))
+        if axes != list(range(2, rank)):
+            continue
+        g.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+
+
+def _quantize_gemm_bias(model: onnx.ModelProto) -> None:
+    """A Gemm with quantized A and B gets its bias as ``DequantizeLinear(int32, s_a*s_b)``.
+
+    ONNX Runtime fuses ``DQ(A), DQ(B), DQ(bias) -> Gemm`` into QGemm (with a float output); with a float
+    bias it leaves the Gemm in float. The bias moves by at most half of ``s_a*s_b`` (what AMCT's deploy
+    model does too: ``round(bias / deq_scale)``).
+    """
+    g = model.graph
+    values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    producer = {o: n for n in g.node for o in n.output}
+    new_nodes = []
+    for node in g.node:
+        if node.op_type != "Gemm" or len(node.input) != 3 or node.input[2] not in values:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if "alpha" in attrs and attrs["alpha"].f != 1.0 or "beta" in attrs and attrs["beta"].f != 1.0:
+            continue
+        dq_a, dq_b = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (dq_a and dq_b and dq_a.op_type == dq_b.op_type == "DequantizeLinear"):
+            continue
+        s_a, s_b = values.get(dq_a.input[1]), values.get(dq_b.input[1])
+        bias = values[node.input[2]]
+        if s_a is None or s_b is None or s_a.size != 1 or bias.dtype != np.float32 or s_b.size not in (1, bias.size):
+            continue
+        scale = (s_a.reshape(()) * s_b.reshape(-1)).astype(np.float32)
+        if np.any(scale <= 0):
+            continue
+        q = np.round(bias.reshape(-1) / scale)
+        if np.abs(q).max(initial=0) >= 2 ** 31:
+            continue
+        base = node.name or node.output[0]
+        names = [f"{base}.bias_int32", f"{base}.bias_scale", f"{base}.bias_zero_point"]
+        zp = np.zeros(scale.shape, np.int32)
+        g.initializer.extend([numpy_helper.from_array(q.astype(np.int32), names[0]),
+                              numpy_helper.from_array(scale if scale.size > 1 else scale.reshape(()), names[1]),
+                              numpy_helper.from_array(zp if zp.size > 1 else zp.reshape(()), names[2])])
+        new_nodes.append(helper.make_node("DequantizeLinear", names, [f"{base}.bias_dequantized"],
+                                          name=f"{base}.bias_dequant", axis=0))
+        node.input[2] = f"{base}.bias_dequantized"
+    for n in reversed(new_nodes):
+        g.node.insert(0, n)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used or t.name in {o.name for o in g.output}]
+    del g.initializer[:]
+    g.initializer.extend(keep)
 
 
 def _drop_redundant_clips(model: onnx.ModelProto) -> None:
@@ -288,6 +372,8 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
     itself, so the same function also writes the float "modified" model of the AMCT flow.
     """
     layers = {name for name, m in model.named_modules() if isinstance(m, CompressedLayer)}
+    quantizers = {name for name, m in model.named_modules()
+                  if isinstance(m, ActivationQuantizer) and not any(name.startswith(f"{l}.") for l in layers)}
     export_model = copy.deepcopy(model).eval()
     _prepare_for_onnx(export_model)
     args, kwargs = normalize_inputs(example_inputs)
@@ -299,9 +385,11 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
                                     opset_version=opset_version, verbose=False, optimize=True,
                                     custom_translation_table={torch.ops.amct.fake_quant.default: _fake_quant_onnx})
     proto = program.model_proto
-    weight_q = _rename(proto, layers)
+    weight_q = _rename(proto, layers, quantizers)
     _fold_weight_quant(proto, weight_q)
     _transpose_weights(proto)
+    _global_average_pools(proto)
+    _quantize_gemm_bias(proto)
     _drop_redundant_clips(proto)
     _unique_dequantize(proto)
     for node in proto.graph.node:  # exporter debug metadata (stack traces, fx nodes) would double the file

@@ -59,6 +59,10 @@ class Node:
     module_type: type | None = None
     inputs: list["Node"] = field(default_factory=list)
     users: list["Node"] = field(default_factory=list)
+    #: fx capture only: the module whose ``forward`` made this call (``""`` for the root) and the call's
+    #: key in that forward, ``(op, target, n)``: the n-th call of ``target`` there (see ``graph.insert``)
+    scope: str | None = None
+    local: tuple | None = None
 
     def __repr__(self) -> str:
         if self.kind == "module":
@@ -145,6 +149,7 @@ def _from_fx(model: nn.Module) -> tuple[list[Node], fx.GraphModule]:
     graph = _Tracer().trace(model)
     gm = fx.GraphModule(model, graph)
     nodes: dict[fx.Node, Node] = {}
+    seen: Counter = Counter()
     for n in graph.nodes:
         if n.op == "placeholder":
             node = Node(n.name, "input", str(n.target))
@@ -157,8 +162,22 @@ def _from_fx(model: nn.Module) -> tuple[list[Node], fx.GraphModule]:
         else:
             node = Node(n.name, "output", "output")
         node.inputs = [nodes[i] for i in n.all_input_nodes]
+        if node.kind in ("module", "function"):
+            node.scope, local_target = _scope_of(n)
+            key = (n.op, local_target)
+            seen[(node.scope, key)] += 1
+            node.local = key + (seen[(node.scope, key)] - 1,)
         nodes[n] = node
     return _link(nodes.values()), gm
+
+
+def _scope_of(n: fx.Node) -> tuple[str, Any]:
+    """(path of the module whose forward made call ``n``, the call's target as that forward sees it)."""
+    paths = [path for path, _type in (n.meta.get("nn_module_stack") or {}).values()]
+    if n.op == "call_module":
+        owner = paths[-2] if len(paths) >= 2 else ""
+        return owner, str(n.target)[len(owner) + 1:] if owner else str(n.target)
+    return (paths[-1] if paths else ""), n.target
 
 
 _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",

@@ -12,17 +12,17 @@ or AdaRound weight stage. ``model.amct_plan`` holds the plan: every layer, what 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
-from ..graph import CapturedGraph, Node, Plan, capture, fold_batch_norm, swap_layers
+from ..graph import capture, fold_batch_norm, swap_layers
 from ..nn import CompressedAvgPool, CompressedConvTranspose, CompressedLayer
 from .adaround import AdaRoundWeightQuantizer, optimize_rounding
 from .calibrators import make_calibrator
+from .placement import place_quantizers
 from .quantizers import ActivationQuantizer, ArqWeightQuantizer, CalibrationError
 
 __all__ = ["quantize", "calibrate", "quant_layers", "activation_quantizers", "weight_quantizer", "check_calibrated", "CalibrationError"]
@@ -73,6 +73,7 @@ def _attach(name: str, layer: CompressedLayer, cfg: Config) -> None:
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"quantize: layer {name!r} got {type(cfg).__name__}; allowed: QuantConfig")
     _check_layer(name, layer, cfg)
+    layer.quant_config = cfg
     if cfg.activation_bits is not None:
         layer.input_quantizer = ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset,
                                                     make_calibrator(cfg), cfg.batch_num)
@@ -95,10 +96,10 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
             per name, skips). Default: INT8, per-channel weights (ARQ), asymmetric IFMR activations.
         example_inputs: inputs for graph capture (tensor, tuple, or dict of keyword inputs).
         fold_bn: fold Conv+BatchNorm first (AMCT's ``do_fusion``); ``skip_fusion_layers`` excludes some.
-        quantize_outputs: ``auto`` adds an output quantizer to every quantized layer whose output does
-            not go (directly or through one ReLU/ReLU6) only into quantized layers, e.g. a conv feeding a
-            residual add. ONNX Runtime then runs every such layer as an integer kernel (QLinearConv)
-            instead of dequantizing around it. ``none`` quantizes layer inputs only, as AMCT does.
+        quantize_outputs: ``auto`` also quantizes the tensors around residual adds, concatenations and
+            pools, and the outputs of quantized layers that feed float ops, so that ONNX Runtime runs the
+            whole model in integer kernels (QLinearConv, QLinearAdd, ...); see
+            :mod:`amct_torch.quant.placement`. ``none`` quantizes layer inputs only, as AMCT does.
         inplace: modify ``model`` itself.
         verbose: print the plan.
 
@@ -119,68 +120,15 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
         folded = fold_plan.layers
     model, plan = swap_layers(model, targeting, graph=graph, attach=_attach, inplace=True, title="quantize")
     if quantize_outputs == "auto":
-        _add_output_quantizers(model, graph, plan)
+        layers = quant_layers(model)
+        configs = {n: m.quant_config for n, m in layers.items() if getattr(m, "quant_config", None) is not None}
+        default = targeting.default if isinstance(targeting.default, QuantConfig) else next(iter(configs.values()), None)
+        place_quantizers(model, graph, plan, layers, configs.get, default)
     plan.layers = folded + plan.layers
     model.amct_plan = plan
     if verbose:
         print(plan)
     return model
-
-
-_TRANSPARENT = (nn.Identity, nn.Dropout)
-_RELU_FUNCS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "aten.relu.default", "aten.relu_.default",
-               "aten.hardtanh.default", "aten.hardtanh_.default", "aten.relu6.default"}
-
-
-def _consumers(node: Node, model: nn.Module) -> list[Node]:
-    """Users of ``node``, looking through modules that became Identity (folded BN) or do nothing (Dropout)."""
-    out = []
-    for u in node.users:
-        if u.kind == "module" and isinstance(model.get_submodule(u.target), _TRANSPARENT):
-            out.extend(_consumers(u, model))
-        else:
-            out.append(u)
-    return out
-
-
-def _is_relu(node: Node, model: nn.Module) -> bool:
-    if node.kind == "module":
-        return isinstance(model.get_submodule(node.target), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
-    return node.kind == "function" and node.target in _RELU_FUNCS
-
-
-def _add_output_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan) -> None:
-    """Quantize the output of layers whose consumers are not all quantized layers (see ``quantize_outputs``)."""
-    if not graph.has_dataflow:
-        plan.warnings.append("no graph data flow: outputs not quantized (ONNX Runtime will run some layers in float)")
-        return
-    quantized = {n for n, m in quant_layers(model).items() if isinstance(m.input_quantizer, ActivationQuantizer)}
-
-    def fed_by_quantized_only(node: Node, through_relu: bool = True) -> bool:
-        users = _consumers(node, model)
-        if not users or any(u.kind == "output" for u in users):
-            return True  # a model output stays float
-        for u in users:
-            if u.kind == "module" and u.target in quantized:
-                continue
-            if through_relu and _is_relu(u, model) and fed_by_quantized_only(u, through_relu=False):
-                continue
-            return False
-        return True
-
-    for name, layer in quant_layers(model).items():
-        calls = graph.calls_of(name)
-        q = layer.input_quantizer
-        if len(calls) != 1 or not isinstance(q, ActivationQuantizer) or fed_by_quantized_only(calls[0]):
-            continue
-        cfg: QuantConfig = weight_quantizer(layer).config if weight_quantizer(layer) is not None else None
-        if cfg is None or cfg.activation_bits is None:
-            continue
-        layer.output_quantizer = ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset,
-                                                     make_calibrator(cfg), cfg.batch_num)
-        for i, lp in enumerate(plan.layers):
-            if lp.name == name:
-                plan.layers[i] = replace(lp, detail=lp.detail + " + output")
 
 
 def _batches(data: Any) -> Iterable[tuple[tuple, dict]]:
@@ -203,7 +151,7 @@ def _progress(total: int, enabled: bool, desc: str = "calibrating", unit: str = 
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with lightning; without it, no bar
         return None
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=True)
 
 
 def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, *, progress: bool = True) -> nn.Module:

@@ -49,9 +49,41 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("batches_seen", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("calibrated", torch.tensor(False))
         self.onnx_mode = False
+        self._tied: ActivationQuantizer | None = None
+
+    @property
+    def tied_to(self) -> "ActivationQuantizer | None":
+        """The quantizer whose factors this one reuses (see :meth:`tie`), or None."""
+        return self.__dict__.get("_tied")
+
+    def tie(self, source: "ActivationQuantizer") -> None:
+        """Reuse ``source``'s factors instead of calibrating.
+
+        For a tensor that is already on ``source``'s grid (it passed ``source`` and then only ops that keep
+        the grid: max-pool, flatten, reshape, identity), re-quantizing with the same factors changes
+        nothing, so the model computes what it computed before, and in ONNX the tensor gets the same
+        Q/DQ parameters on both sides of the grid-keeping op (what ONNX Runtime needs to run it in int8).
+        """
+        while source.tied_to is not None:
+            source = source.tied_to
+        if source is self:
+            raise ValueError("a quantizer cannot be tied to itself")
+        self.__dict__["_tied"] = source  # a plain attribute: not a submodule, not in the state_dict twice
+
+    def _sync(self) -> bool:
+        src = self.tied_to
+        if src is not None and src.is_calibrated and not bool(self.calibrated):
+            with torch.no_grad():
+                self.bits, self.symmetric = src.bits, src.symmetric
+                self.scale.copy_(src.scale)
+                self.offset.copy_(src.offset)
+                self.calibrated.fill_(True)
+            return True
+        return False
 
     @property
     def is_calibrated(self) -> bool:
+        self._sync()
         return bool(self.calibrated)
 
     def set_onnx_mode(self, enabled: bool) -> None:
@@ -69,6 +101,10 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onnx_mode:
             return fake_quant_op(x, *self._onnx_factors, 0, 0, 255)
+        if self.tied_to is not None:
+            if self._sync() or not bool(self.calibrated):
+                return x  # the source is still calibrating (or fixed its factors in this very batch)
+            return fake_quantize(x, self.scale, self.offset, self.bits)
         if not self.is_calibrated:
             self.calibrator.observe(x)
             self.batches_seen += 1
@@ -88,7 +124,8 @@ class ActivationQuantizer(nn.Module):
 
     def reset(self) -> None:
         """Start calibration again."""
-        self.calibrator.reset()
+        if self.tied_to is None:
+            self.calibrator.reset()
         self.batches_seen.zero_()
         self.calibrated.fill_(False)
 
@@ -102,7 +139,8 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         state = (f"scale={float(self.scale):.6g}, offset={int(self.offset)}" if self.is_calibrated
                  else f"calibrating {int(self.batches_seen)}/{self.batch_num}")
-        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, {self.calibrator.name}, {state}"
+        how = "tied" if self.tied_to is not None else self.calibrator.name
+        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, {how}, {state}"
 
 
 class ArqWeightQuantizer(nn.Module):

@@ -54,21 +54,83 @@ def calibrated():
     return x
 
 
-def test_output_quantizers_go_where_the_output_reaches_float_ops(calibrated):
+def test_quantizers_go_around_the_add_and_the_pool(calibrated):
     q = amct_torch.quantize(Net().eval(), QuantConfig(activation_calibrator="minmax"), calibrated)
-    with_output = {lp.name for lp in q.amct_plan.layers if lp.detail.endswith("+ output")}
-    # stem -> relu -> block.conv1 (quantized) and the residual add (float): needs one
-    # block.conv1 -> bn -> relu -> block.conv2 (quantized only): none; block.conv2 -> add: needs one
-    assert with_output == {"stem", "block.conv2"}
+    with_output = {lp.name for lp in q.amct_plan.layers if "+ output" in lp.detail}
+    # block.conv2 -> bn2 -> add: the add's input; block.conv1 -> relu1 -> block.conv2 only: none;
+    # stem -> relu -> (block.conv1, add): quantized after the ReLU instead, not at the stem's output
+    assert with_output == {"block.conv2"}
+    inserted = {lp.name: lp.detail for lp in q.amct_plan.layers if lp.source == "quantize_outputs=auto"}
+    assert set(inserted) == {"relu_quant", "block.relu2_quant", "pool_quant"}, inserted
+    assert "after its ReLU" in inserted["block.relu2_quant"]
+    # the block's first conv and the fc read tensors that are already quantized: tied, not calibrated
+    assert q.block.conv1.input_quantizer.tied_to is q.relu_quant
+    assert q.fc.input_quantizer.tied_to is q.pool_quant  # through flatten
+    assert q.block.conv2.input_quantizer.tied_to is None  # after relu1 of an unquantized conv output
     assert q.fc.output_quantizer is None  # the model output stays float
+    assert type(q.block) is Block  # the block keeps its class; only its forward is regenerated
 
 
-def test_every_conv_runs_as_qlinearconv_in_onnxruntime(calibrated, tmp_path):
+def test_a_tied_quantizer_changes_nothing(calibrated):
+    q = amct_torch.quantize(Net().eval(), QuantConfig(activation_calibrator="minmax"), calibrated)
+    amct_torch.calibrate(q, [calibrated], progress=False)
+    seen = {}
+    q.block.conv1.input_quantizer.register_forward_hook(lambda m, i, o: seen.update(i=i[0], o=o))
+    with torch.no_grad():
+        q(calibrated + 0.5)
+    tied = q.block.conv1.input_quantizer
+    assert tied.is_calibrated and float(tied.scale) == float(q.relu_quant.scale)
+    assert int(tied.offset) == int(q.relu_quant.offset)
+    assert torch.equal(seen["i"], seen["o"])
+
+
+def test_the_whole_model_runs_in_integer_kernels(calibrated, tmp_path):
     q = amct_torch.quantize(Net().eval(), QuantConfig(activation_calibrator="minmax"), calibrated)
     amct_torch.calibrate(q, [calibrated], progress=False)
     res = amct_torch.export(q, tmp_path / "net", calibrated)
+    names = {n.name for n in res.fake_quant_model.graph.node}
+    assert {"block.relu2_quant.quant", "pool_quant.dequant"} <= names
     ops = optimized_ops(res.fake_quant, tmp_path)
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0, ops
+    assert ops["QLinearAdd"] == 1 and ops["Add"] == 0, ops
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1 and ops["Gemm"] == 0, ops
+    sess = ort.InferenceSession(str(res.fake_quant))
+    with torch.no_grad():
+        expected = q(calibrated).numpy()
+    y = sess.run(None, {sess.get_inputs()[0].name: calibrated.numpy()})[0]
+    assert (y.argmax(1) == expected.argmax(1)).all()
+    assert abs(y - expected).max() < 0.05
+
+
+class SharedRelu(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module called twice, the second time after the add."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        out += x
+        return self.relu(out)
+
+
+def test_the_second_call_of_a_shared_relu_gets_its_own_quantizer(calibrated, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), SharedRelu(), SharedRelu(), nn.Conv2d(8, 2, 1)).eval()
+    q = amct_torch.quantize(model, QuantConfig(activation_calibrator="minmax"), calibrated)
+    inserted = {lp.name for lp in q.amct_plan.layers if lp.source == "quantize_outputs=auto"}
+    assert inserted == {"1_quant", "2.relu_1_quant", "3.relu_1_quant"}, inserted
+    assert q[3].conv1.input_quantizer.tied_to is q[2].relu_1_quant
+    amct_torch.calibrate(q, [calibrated], progress=False)
+    res = amct_torch.export(q, tmp_path / "net", calibrated)
+    ops = optimized_ops(res.fake_quant, tmp_path)
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0 and ops["Relu"] == 0, ops
+    sess = ort.InferenceSession(str(res.fake_quant))
+    with torch.no_grad():
+        expected = q(calibrated).numpy()
+    y = sess.run(None, {sess.get_inputs()[0].name: calibrated.numpy()})[0]
+    assert abs(y - expected).max() < 0.05
 
 
 def test_inputs_only_leaves_convs_feeding_the_add_in_float(calibrated, tmp_path):
@@ -77,7 +139,7 @@ def test_inputs_only_leaves_convs_feeding_the_add_in_float(calibrated, tmp_path)
     amct_torch.calibrate(q, [calibrated], progress=False)
     res = amct_torch.export(q, tmp_path / "net", calibrated)
     ops = optimized_ops(res.fake_quant, tmp_path)
-    assert ops["QLinearConv"] < 3, ops
+    assert ops["QLinearConv"] < 3 and ops["QLinearAdd"] == 0, ops
 
 
 def test_bad_quantize_outputs_value_is_rejected(calibrated):

@@ -7,6 +7,12 @@ Post-training quantization::
     amct_torch.calibrate(model, loader)
     amct_torch.export(model, "out/model", x)     # fake-quant ONNX (ORT), deploy ONNX (ATC), record
 
+Quantization-aware training::
+
+    model = amct_torch.prepare_qat(model, amct_torch.QatConfig(weight_bits=4), x)
+    ... train (or use amct_torch.lightning.QuantizationAwareTraining) ...
+    amct_torch.export(model, "out/model", x)
+
 AMCT scripts keep working with ``import amct_torch as amct`` (create_quant_config, quantize_model,
 save_model). The structural passes::
 
@@ -18,17 +24,18 @@ save_model). The structural passes::
     print(plan)
 """
 
-from .config import (Config, ConfigError, Granularity, PerChannel, PerGroup, PerTensor, PerToken, QuantConfig,
-                     Targeting)
+from .config import (Config, ConfigError, Granularity, PerChannel, PerGroup, PerTensor, PerToken, QatConfig,
+                     QuantConfig, Targeting)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
-from .quant import CalibrationError, calibrate, quantize
+from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
 from .compat import create_quant_config, quantize_model, save_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "QuantConfig",
+__all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "QatConfig", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
-           "register_wrapper", "CalibrationError", "calibrate", "quantize", "export", "create_quant_config",
+           "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",
+           "freeze_bn_stats", "freeze_quantizers", "export", "create_quant_config",
            "quantize_model", "save_model", "__version__"]

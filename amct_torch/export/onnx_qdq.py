@@ -25,7 +25,7 @@ from onnxscript import opset20 as op
 
 from .._quiet import quiet
 from ..graph.capture import normalize_inputs
-from ..nn import CompressedLayer
+from ..nn import CompressedConv, CompressedLayer
 from ..quant.formulas import qrange
 from ..quant.ptq import weight_quantizer
 from ..quant.qdq_op import fake_quant as fake_quant_op
@@ -56,6 +56,9 @@ class _FrozenQuantWeight(nn.Module):
 
 def _prepare_for_onnx(model: nn.Module) -> None:
     """Fix every factor: activation quantizers to Q/DQ mode, weight pipelines to constants through Q/DQ."""
+    for m in model.modules():
+        if isinstance(m, CompressedConv):
+            m.bake_batch_norm()  # QAT: the BN trained folded becomes the conv's weight and bias
     for m in model.modules():
         if isinstance(m, ActivationQuantizer):
             m.set_onnx_mode(True)

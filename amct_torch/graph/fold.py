@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .capture import CapturedGraph, Node, capture
 from .plan import LayerPlan, Plan
+from ..nn import FoldedBatchNorm
 
 __all__ = ["fold_batch_norm", "fold_conv_bn_"]
 
@@ -78,7 +79,7 @@ def _why_not(model: nn.Module, bn_node: Node, graph: CapturedGraph, counts: dict
 
 
 def fold_batch_norm(model: nn.Module, example_inputs: Any = None, *, graph: CapturedGraph | None = None,
-                    skip: Iterable[str] = (), inplace: bool = False) -> tuple[nn.Module, Plan]:
+                    skip: Iterable[str] = (), inplace: bool = False, train: bool = False) -> tuple[nn.Module, Plan]:
     """Fold every foldable Conv+BatchNorm pair; return the model and a plan listing every BatchNorm.
 
     Args:
@@ -87,6 +88,9 @@ def fold_batch_norm(model: nn.Module, example_inputs: Any = None, *, graph: Capt
         graph: an already captured graph of ``model`` (module paths must match).
         skip: conv or BatchNorm names/globs to leave alone.
         inplace: fold into ``model`` itself instead of a copy.
+        train: for QAT: keep the BN (as a :class:`~amct_torch.nn.FoldedBatchNorm` at its path, with its
+            statistics) to be trained folded with its conv; the conv's wrapper attaches it
+            (``attach_batch_norm``) when the model is prepared. BatchNorms in training mode are accepted.
 
     Example::
 
@@ -113,10 +117,23 @@ def fold_batch_norm(model: nn.Module, example_inputs: Any = None, *, graph: Capt
         if node.target in seen:
             continue
         seen.add(node.target)
-        conv_name, reason = _why_not(model, node, graph, counts, skip)
         bn = model.get_submodule(node.target)
+        was_training = bn.training
+        if train:
+            bn.eval()  # the checks read the statistics; training mode is fine for QAT
+        try:
+            conv_name, reason = _why_not(model, node, graph, counts, skip)
+        finally:
+            bn.train(was_training)
         if reason:
             plan.layers.append(LayerPlan(node.target, type(bn).__name__, "skip", reason, conv_name or ""))
+            continue
+        if train:
+            folded = FoldedBatchNorm(bn, conv_name)
+            folded.train(was_training)
+            model.set_submodule(node.target, folded)
+            plan.layers.append(LayerPlan(node.target, type(bn).__name__, "fold",
+                                         f"trained folded into {conv_name}", conv_name))
             continue
         fold_conv_bn_(model.get_submodule(conv_name), bn)
         model.set_submodule(node.target, nn.Identity())

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..config import Config, Targeting
-from ..nn import CompressedLayer, registered_types, wrapper_for
+from ..nn import CompressedLayer, FoldedBatchNorm, registered_types, wrapper_for
 from .capture import CapturedGraph, capture
 from .plan import LayerPlan, Plan
 
@@ -91,7 +91,7 @@ def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs:
             elif isinstance(m, supported):
                 plan.layers.append(LayerPlan(name, kind, "unsupported",
                                              f"{kind} overrides forward; a wrapper would bypass it"))
-            elif _has_own_params(m):
+            elif _has_own_params(m) and not isinstance(m, FoldedBatchNorm):  # a folded BN is in the fold plan
                 plan.layers.append(LayerPlan(name, kind, "unsupported", f"no wrapper for {kind}"))
             continue
         seen_names.append(name)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import CompressedLayer, register_lazy, register_wrapper
+from .bn_fold import BatchNormScale, FoldedBatchNorm
 
 __all__ = ["CompressedConv", "CompressedConvTranspose", "CompressedLinear", "CompressedConv1D", "CompressedAvgPool"]
 
@@ -21,8 +22,40 @@ class CompressedConv(CompressedLayer):
 
     weight_channel_axis = 0
 
+    @property
+    def folded_bn(self) -> FoldedBatchNorm | None:
+        """The BatchNorm trained folded into this conv (QAT), or None."""
+        return self.__dict__.get("_folded_bn")
+
+    def attach_batch_norm(self, bn: FoldedBatchNorm) -> None:
+        """Train this conv and ``bn`` as one folded unit (see :mod:`amct_torch.nn.bn_fold`)."""
+        if self.folded_bn is not None:
+            raise ValueError(f"a BatchNorm is already folded into this {type(self.module).__name__}")
+        self.__dict__["_folded_bn"] = bn
+        self.weight_pipeline.insert(0, BatchNormScale(bn, self.weight_channel_axis))
+
+    @torch.no_grad()
+    def bake_batch_norm(self) -> None:
+        """Make the folding permanent: weight and bias of the conv become the folded ones (for export)."""
+        bn = self.folded_bn
+        if bn is None:
+            return
+        m = self.module
+        folded_w = self.weight_pipeline[0](m.weight)
+        bias = bn.folded_bias(m.bias)
+        m.weight.copy_(folded_w)
+        if m.bias is None:
+            m.bias = nn.Parameter(bias.clone())
+        else:
+            m.bias.copy_(bias)
+        del self.weight_pipeline[0]
+        del self.__dict__["_folded_bn"]
+
     def _op(self, x: torch.Tensor, weight: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.module._conv_forward(x, weight, self.module.bias)
+        bn = self.folded_bn
+        if bn is None:
+            return self.module._conv_forward(x, weight, self.module.bias)
+        return bn.apply_after_conv(self.module._conv_forward(x, weight, None), self.module.bias)
 
 
 _CONV_T = {nn.ConvTranspose1d: (F.conv_transpose1d, 1), nn.ConvTranspose2d: (F.conv_transpose2d, 2),

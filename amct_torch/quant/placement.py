@@ -26,15 +26,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..config import QuantConfig
 from ..graph import CapturedGraph, Node, Plan
 from ..graph.insert import InsertError, insert_after
 from ..graph.plan import LayerPlan
-from ..nn import CompressedAvgPool, CompressedLayer
+from ..nn import CompressedAvgPool, CompressedLayer, FoldedBatchNorm
 from .calibrators import make_calibrator
 from .quantizers import ActivationQuantizer
 
@@ -47,7 +46,7 @@ _POOL_FUNCS = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
               nn.AdaptiveAvgPool3d, CompressedAvgPool)
-_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, FoldedBatchNorm)
 #: ops whose output is on the grid of their input (a subset of its values, rearranged)
 _GRID_MODULES = _TRANSPARENT + _MAX_POOLS + (nn.Flatten, nn.Unflatten)
 _GRID_FUNCS = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "permute", "transpose",
@@ -160,9 +159,21 @@ def _local_name(node: Node) -> str:
     return f"{base}{'_' + str(k) if k else ''}_quant"
 
 
+def default_factory(cfg: Any, after_relu: bool) -> ActivationQuantizer | None:
+    """A calibrating PTQ quantizer for ``cfg`` (a :class:`QuantConfig`), or None for weight-only configs."""
+    if cfg is None or cfg.activation_bits is None:
+        return None
+    return ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset, make_calibrator(cfg), cfg.batch_num)
+
+
 def place_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan, layers: dict[str, CompressedLayer],
-                     config_of: Callable[[str], QuantConfig | None], default: QuantConfig | None) -> None:
-    """Add output quantizers and inserted quantizers to a prepared model (see the module docstring)."""
+                     config_of: Callable[[str], Any], default: Any,
+                     factory: Callable[[Any, bool], ActivationQuantizer | None] = default_factory) -> None:
+    """Add output quantizers and inserted quantizers to a prepared model (see the module docstring).
+
+    ``factory(config, after_relu)`` makes each quantizer (PTQ: calibrating; QAT: learned, with the lower
+    clip pinned at 0 after a ReLU).
+    """
     if not graph.has_dataflow:
         plan.warnings.append("no graph data flow: outputs not quantized (ONNX Runtime will run some layers in float)")
         return
@@ -173,24 +184,19 @@ def place_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan, layers:
                              "are not quantized (ONNX Runtime runs them in float)")
     _layer_output_points(view, layers, points)
 
-    def make(cfg: QuantConfig | None) -> ActivationQuantizer | None:
-        if cfg is None or cfg.activation_bits is None:
-            return None
-        return ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset, make_calibrator(cfg), cfg.batch_num)
-
     quantizer_of: dict[Node, ActivationQuantizer] = {}
     inserts: dict[str, list[tuple[Node, ActivationQuantizer]]] = defaultdict(list)
     for node, why in points.items():
         layer = layers.get(node.target) if node.kind == "module" else None
         if layer is not None and len(graph.calls_of(node.target)) == 1:
-            q = make(config_of(node.target) or default)
+            q = factory(config_of(node.target) or default, False)
             if q is not None:
                 layer.output_quantizer = quantizer_of[node] = q
                 _note(plan, node.target, " + output")
             continue
         if node.scope is None:
             continue
-        q = make(default)
+        q = factory(default, view.is_relu(node))
         if q is not None:
             inserts[node.scope].append((node, q))
     for owner, items in inserts.items():
@@ -204,6 +210,7 @@ def place_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan, layers:
             what = node.target if node.kind == "function" else type(view.module(node)).__name__
             plan.layers.append(LayerPlan(path, str(what), "wrap", f"A{q.bits} {points[node]}", "quantize_outputs=auto"))
 
+    _limit_ranges(view, layers, quantizer_of)
     # step 3: ties, for layer inputs and for quantizers after grid-keeping ops
     for name, layer in layers.items():
         q, calls = layer.input_quantizer, graph.calls_of(name)
@@ -217,6 +224,30 @@ def place_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan, layers:
             src = _grid_source(view, node.inputs[0], quantizer_of)
             if src is not None and src is not q and src.bits == q.bits:
                 q.tie(src)
+
+
+def _bounds(view: _View, node: Node) -> tuple[float, float] | None:
+    """The output interval of a bounded activation module (ReLU6, Hardtanh, ReLU), else None."""
+    m = view.module(node)
+    if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return float(m.min_val), float(m.max_val)
+    if isinstance(m, nn.ReLU):
+        return 0.0, float("inf")
+    return None
+
+
+def _limit_ranges(view: _View, layers: dict[str, CompressedLayer], quantizer_of: dict[Node, ActivationQuantizer]) -> None:
+    """A quantizer right after a bounded activation never calibrates a range outside its bounds."""
+    targets: list[tuple[Node, ActivationQuantizer]] = []
+    for name, layer in layers.items():
+        calls = view.graph.calls_of(name)
+        if isinstance(layer.input_quantizer, ActivationQuantizer) and len(calls) == 1 and calls[0].inputs:
+            targets.append((view.producer(calls[0].inputs[0]), layer.input_quantizer))
+    targets += [(node, q) for node, q in quantizer_of.items()]  # a quantizer inserted after the activation
+    for node, q in targets:
+        bounds = _bounds(view, node)
+        if bounds is not None and bounds[1] > bounds[0]:
+            q.range_limit = bounds
 
 
 def _note(plan: Plan, name: str, text: str) -> None:

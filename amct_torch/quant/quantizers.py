@@ -15,6 +15,8 @@ exporter turns into a standard QuantizeLinear/DequantizeLinear pair; weights are
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -50,6 +52,9 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False))
         self.onnx_mode = False
         self._tied: ActivationQuantizer | None = None
+        #: ``(lo, hi)`` the input can never leave (set for a bounded producer, e.g. ReLU6: ``(0, 6)``): the
+        #: calibrated range is cut to it, and an empty range (a tensor that was all zero) becomes it
+        self.range_limit: tuple[float, float] | None = None
 
     @property
     def tied_to(self) -> "ActivationQuantizer | None":
@@ -113,10 +118,22 @@ class ActivationQuantizer(nn.Module):
             return x
         return fake_quantize(x, self.scale, self.offset, self.bits)
 
+    def calibrated_range(self) -> tuple[float, float]:
+        """The calibrator's clip range, cut to :attr:`range_limit`."""
+        lo, hi = self.calibrator.clip_range(self.bits, self.symmetric)
+        if self.range_limit is not None:
+            a, b = self.range_limit
+            lo, hi = max(lo, a), min(hi, b)
+            degenerate = (hi - lo) / (2 ** self.bits - 1) < torch.finfo(torch.float32).eps  # -> scale 1
+            if degenerate and math.isfinite(a) and math.isfinite(b):
+                lo, hi = a, b
+        return lo, hi
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Compute scale and offset from what the calibrator has seen; switch to fake-quantization."""
-        scale, offset = self.calibrator.compute(self.bits, self.symmetric)
+        lo, hi = self.calibrated_range()
+        scale, offset = scale_offset(torch.tensor(lo), torch.tensor(hi), self.bits, self.symmetric)
         self.scale.copy_(scale.reshape(()))
         self.offset.copy_(offset.reshape(()))
         self.calibrated.fill_(True)

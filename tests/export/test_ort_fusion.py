@@ -174,11 +174,34 @@ def test_a_relu6_the_next_quantizer_saturates_anyway_is_dropped_from_the_onnx_mo
     assert optimized_ops(res.fake_quant, tmp_path)["QLinearConv"] == 1  # c1; c2 feeds the float model output
 
 
-def test_a_relu6_that_still_cuts_values_is_kept(tmp_path):
+def test_a_dead_relu6_output_gets_the_relu6_range_and_the_clip_goes(tmp_path):
     torch.manual_seed(0)
     model = Relu6Net().eval()
     with torch.no_grad():
-        model.c1.bias.fill_(-100.0)  # ReLU6 output is all zero: the range falls back to scale 1, [0, 255] > 6
+        model.c1.bias.fill_(-100.0)  # ReLU6 output is all zero: without the bound the scale would fall back to 1
+    x = torch.randn(4, 3, 8, 8)
+    q = amct_torch.quantize(model, QuantConfig(activation_calibrator="minmax"), x)
+    assert q.c2.input_quantizer.range_limit == (0.0, 6.0)
+    amct_torch.calibrate(q, [x], progress=False)
+    assert float(q.c2.input_quantizer.scale) == pytest.approx(6 / 255)
+    res = amct_torch.export(q, tmp_path / "n", x)
+    assert "Clip" not in {n.op_type for n in res.fake_quant_model.graph.node}
+
+
+class FunctionalRelu6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.nn.functional.relu6(self.c1(x)))
+
+
+def test_a_relu6_that_still_cuts_values_is_kept(tmp_path):
+    torch.manual_seed(0)
+    model = FunctionalRelu6().eval()
+    with torch.no_grad():
+        model.c1.bias.fill_(-100.0)  # all zero, no module to read the bound from: scale 1, [0, 255] > 6
     x = torch.randn(4, 3, 8, 8)
     q = amct_torch.quantize(model, QuantConfig(activation_calibrator="minmax"), x)
     amct_torch.calibrate(q, [x], progress=False)

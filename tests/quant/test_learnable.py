@@ -1,0 +1,102 @@
+"""ULQ and LSQ+ gradients against hand-computed values, and the positivity guarantee."""
+
+import math
+
+import pytest
+import torch
+
+from amct_torch.quant.learnable import MIN_SCALE, lsq_fake_quant, ulq_factors, ulq_fake_quant
+
+
+def run(fn, x, *params):
+    x = x.clone().requires_grad_(True)
+    y = fn(x, *params)
+    g = torch.arange(1, x.numel() + 1, dtype=torch.float32)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def test_ulq_asymmetric_forward_and_gradients_by_hand():
+    # 4 bits, clips [-0.5, 1.0]: s = 1.5/15 = 0.1, o = round(-8 + 0.5/0.1) = -3, range [-0.5, 1.0]
+    cmax, cmin = torch.tensor(1.0, requires_grad=True), torch.tensor(-0.5, requires_grad=True)
+    s, o = ulq_factors(cmax, cmin, 4, False)
+    assert float(s) == pytest.approx(0.1) and float(o) == -3
+    x = torch.tensor([-0.7, -0.26, 0.33, 1.2, 0.5])
+    y, gx = run(lambda t: ulq_fake_quant(t, cmax, cmin, 4), x)
+    assert torch.allclose(y, torch.tensor([-0.5, -0.3, 0.3, 1.0, 0.5]), atol=1e-6)
+    assert torch.equal(gx, torch.tensor([0.0, 2.0, 3.0, 0.0, 5.0]))  # zero outside the range
+    # residuals r = round(x/s) - x/s inside: -0.4 (x=-0.26), -0.3 (x=0.33), 0 (x=0.5)
+    assert float(cmax.grad) == pytest.approx((2 * -0.4 + 3 * -0.3) / 15 + 4, abs=1e-5)   # + 1[x > upper] * g
+    assert float(cmin.grad) == pytest.approx(1 - (2 * -0.4 + 3 * -0.3) / 15, abs=1e-5)   # 1[x < lower] * g - r/15
+
+
+def test_ulq_symmetric_gradient_counts_the_negative_saturation():
+    # 4 bits symmetric, clip 0.7: s = 0.7/7 = 0.1, range [-0.8, 0.7]
+    clip = torch.tensor(0.7, requires_grad=True)
+    x = torch.tensor([-0.9, -0.44, 0.26, 0.8])
+    y, gx = run(lambda t: ulq_fake_quant(t, clip, None, 4, symmetric=True), x)
+    assert torch.allclose(y, torch.tensor([-0.8, -0.4, 0.3, 0.7]), atol=1e-6)
+    assert torch.equal(gx, torch.tensor([0.0, 2.0, 3.0, 0.0]))
+    assert float(clip.grad) == pytest.approx(1 * (-8 / 7) + (2 * 0.4 + 3 * 0.4) / 7 + 4, abs=1e-5)
+
+
+def test_ulq_fixed_min_pins_the_lower_clip_at_zero():
+    cmax = torch.tensor(2.55, requires_grad=True)
+    s, o = ulq_factors(cmax, None, 8, False)
+    assert float(s) == pytest.approx(0.01) and float(o) == -128
+    y, gx = run(lambda t: ulq_fake_quant(t, cmax, None, 8), torch.tensor([-1.0, 1.004, 3.0]))
+    assert torch.allclose(y, torch.tensor([0.0, 1.0, 2.55]), atol=1e-6)
+    assert torch.equal(gx, torch.tensor([0.0, 2.0, 0.0]))
+    assert float(cmax.grad) == pytest.approx(2 * (100 - 100.4) / 255 + 3, abs=1e-4)
+
+
+def test_ulq_per_channel_clip_gradients_are_summed_per_channel():
+    w = torch.tensor([[0.05, -0.2, 0.4], [1.0, 0.3, -0.1]])
+    clip = torch.tensor([[0.35], [0.7]], requires_grad=True)
+    y = ulq_fake_quant(w, clip, None, 4, symmetric=True)
+    y.sum().backward()
+    assert clip.grad.shape == clip.shape
+    # channel 0: s = 0.05: 0.05 (r 0), -0.2 (r 0), 0.4 > 0.35 (+1): 1; channel 1: s = 0.1: 1.0 > 0.7 (+1), 0.3, -0.1
+    assert torch.allclose(clip.grad, torch.tensor([[1.0], [1.0]]), atol=1e-5)
+
+
+def test_lsq_plus_gradients_by_hand():
+    # 4 bits, s = 0.1, beta = -0.3: o = round(0.3/0.1) = 3, range [(-8-3)*0.1, (7-3)*0.1] = [-1.1, 0.4]
+    s, beta = torch.tensor(0.1, requires_grad=True), torch.tensor(-0.3, requires_grad=True)
+    x = torch.tensor([-1.3, -0.26, 0.33, 0.6])
+    y, gx = run(lambda t: lsq_fake_quant(t, s, beta, 4, grad_scale=1.0), x)
+    assert torch.allclose(y, torch.tensor([-1.1, -0.3, 0.3, 0.4]), atol=1e-6)
+    assert torch.equal(gx, torch.tensor([0.0, 2.0, 3.0, 0.0]))
+    assert float(s.grad) == pytest.approx(1 * -8 + 2 * -0.4 + 3 * -0.3 + 4 * 7, abs=1e-5)  # qmin, r, r, qmax
+    assert float(beta.grad) == pytest.approx(1 + 4)  # 1 outside the range, 0 inside
+
+
+def test_lsq_default_gradient_scale_is_one_over_sqrt_n_qmax():
+    s = torch.tensor(0.1, requires_grad=True)
+    x = torch.full((50,), 100.0)  # all above the range [-12.8, 12.7]: ds = qmax per element
+    lsq_fake_quant(x, s, None, 8).sum().backward()
+    assert float(s.grad) == pytest.approx(50 * 127 / math.sqrt(50 * 127), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ulq", "lsq"])
+def test_adversarial_updates_never_make_a_scale_negative_zero_or_nan(kind):
+    p = torch.tensor(1.0, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=1e6)
+    x = torch.tensor([float("inf"), float("nan"), 5.0, -3.0, 0.2])
+    fq = (lambda t: ulq_fake_quant(t, p, None, 8, symmetric=True)) if kind == "ulq" else \
+        (lambda t: lsq_fake_quant(t, p, None, 8))
+    for push in (1e9, -1e9, float("nan")):
+        opt.zero_grad()
+        y = fq(x.clone().requires_grad_(True))
+        y.backward(torch.ones_like(y))
+        assert torch.isfinite(p.grad).all()  # NaN/inf inputs give no NaN gradient
+        p.grad.fill_(push if push == push else 0.0)
+        opt.step()
+        with torch.no_grad():
+            s = ulq_factors(p, None, 8, True)[0] if kind == "ulq" else torch.clamp(torch.nan_to_num(p), min=MIN_SCALE)
+        assert float(s) >= MIN_SCALE * 0.999 and math.isfinite(float(s))
+        out = fq(torch.tensor([0.5, -0.5]))
+        assert torch.isfinite(out).all()
+    with torch.no_grad():
+        p.fill_(float("nan"))  # even a parameter that became NaN quantizes with a finite, positive scale
+    assert torch.isfinite(fq(torch.tensor([0.5, -0.5]))).all()

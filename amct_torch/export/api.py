@@ -63,7 +63,7 @@ def record_of(model: nn.Module) -> Record:
 
 def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any, *, record_file: str | os.PathLike | None = None,
            input_names: list[str] | None = None, output_names: list[str] | None = None, dynamic_axes: dict | None = None,
-           on_unsupported: str = "keep_float") -> ExportResult:
+           on_unsupported: str = "keep_float", int4_weights: str = "auto") -> ExportResult:
     """Write ``<prefix>_fake_quant_model.onnx``, ``<prefix>_deploy_model.onnx`` and the record file.
 
     Args:
@@ -74,6 +74,8 @@ def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any
         input_names, output_names, dynamic_axes: passed to ``torch.onnx.export``.
         on_unsupported: ``keep_float`` keeps layers the Ascend ops cannot express in Q/DQ form in the
             deploy model (they are listed in ``deploy_report``); ``raise`` refuses.
+        int4_weights: storage of 4-bit weights in the fake-quant model: ``auto`` (packed INT4 for A4W4
+            layers, int8 values for A8W4, ONNX Runtime's fast path), ``packed`` or ``int8``.
 
     Raises:
         CalibrationError: some quantizer has not seen its ``batch_num`` batches (nothing is written).
@@ -85,7 +87,7 @@ def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any
         raise ValueError(f"path_prefix: got {str(path_prefix)!r}; allowed: a directory plus a file-name prefix, "
                          "e.g. 'out/model'")
     fake = export_qdq_model(model, example_inputs, input_names=input_names, output_names=output_names,
-                            dynamic_axes=dynamic_axes)
+                            dynamic_axes=dynamic_axes, int4_weights=int4_weights)
     deploy, report = qdq_to_deploy(fake, on_unsupported=on_unsupported)
     record = record_of(model)
     paths = {"fake_quant": prefix.with_name(prefix.name + "_fake_quant_model.onnx"),

@@ -13,6 +13,7 @@ quantizers run ``torch.ops.amct.fake_quant`` with fixed factors, which we transl
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxscript import opset20 as op
 
 from .._quiet import quiet
@@ -286,6 +287,106 @@ def _quantize_gemm_bias(model: onnx.ModelProto) -> None:
     g.initializer.extend(keep)
 
 
+_QNAME = re.compile(r"^(?P<path>.+?)(?:\.(?P<slot>input|output)_(?:quant|dequant)|\.(?:quant|dequant))(?:_\d+)?$")
+
+
+def _narrow_activation_types(model: onnx.ModelProto, bits_of: dict[str, int]) -> None:
+    """4- and 16-bit activation Q/DQ pairs: INT4 zero points (opset 21 types) and opset 21 for INT16.
+
+    ``bits_of`` maps quantizer module paths to their bit width; Q/DQ nodes are found by their names
+    (``<layer>.input_quant``, ``<path>.quant``, ...). The values do not change: 4-bit quantizers run with
+    int8 zero points in [-8, 7] and saturate at [-8, 7] in PyTorch; here the type says so to ONNX.
+    """
+    g = model.graph
+    values = {t.name: t for t in g.initializer}
+    narrowed = False
+    new_inits = {}
+    for node in g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        m = _QNAME.match(node.name)
+        if not m:
+            continue
+        path = f"{m['path']}.{m['slot']}_quantizer" if m["slot"] else m["path"]
+        bits = bits_of.get(path)
+        if bits is None or bits == 8:
+            continue
+        narrowed = True
+        if bits != 4:
+            continue
+        zp = node.input[2]
+        if zp not in values:
+            continue
+        name = f"{zp}.int4"
+        if name not in new_inits:
+            arr = numpy_helper.to_array(values[zp]).astype(np.int8)
+            new_inits[name] = int4_tensor(name, arr)
+        node.input[2] = name
+    g.initializer.extend(new_inits.values())
+    q_outputs = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and n.input[2] in new_inits}
+    for vi in g.value_info:
+        if vi.name in q_outputs:
+            vi.type.tensor_type.elem_type = TensorProto.INT4
+    if narrowed:
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < 21:
+                o.version = 21
+        used = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """An ONNX INT4 tensor, packed two values per byte (low nibble first) in ``raw_data``."""
+    flat = np.asarray(values, dtype=np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nibbles = flat.astype(np.uint8) & 0x0F
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, list(np.shape(values)), packed.tobytes(), raw=True)
+
+
+def _pack_int4_weights(model: onnx.ModelProto, layers: set[str]) -> None:
+    """Store the integer weights ``<layer>.weight`` of ``layers`` as ONNX INT4 (two values per byte).
+
+    Their DequantizeLinear zero points become INT4 too, and the model moves to opset 21 (the INT4 types).
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    new: dict[str, onnx.TensorProto] = {}
+    for node in g.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits:
+            continue
+        name = node.input[0]
+        if not name.endswith(".weight") or name[:-len(".weight")] not in layers:
+            continue
+        for k, src in ((0, name), (2, node.input[2])):
+            if src not in inits or inits[src].data_type not in (TensorProto.INT8, TensorProto.INT4):
+                break
+            if inits[src].data_type == TensorProto.INT4:
+                continue
+            arr = numpy_helper.to_array(inits[src]).astype(np.int8)
+            if arr.size and (arr.min() < -8 or arr.max() > 7):
+                raise ValueError(f"{name}: 4-bit weight values outside [-8, 7]")
+            key = f"{src}.int4" if k == 2 else src
+            if key not in new:
+                new[key] = int4_tensor(key, arr)
+            node.input[k] = key
+    if not new:
+        return
+    keep = [t for t in g.initializer if t.name not in new]
+    del g.initializer[:]
+    g.initializer.extend(keep + list(new.values()))
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < 21:
+            o.version = 21
+
+
 def _drop_redundant_clips(model: onnx.ModelProto) -> None:
     """Bypass ``Clip(lo, hi) -> QuantizeLinear`` when the clip cannot change the quantized value.
 
@@ -368,8 +469,13 @@ def _unique_dequantize(model: onnx.ModelProto) -> None:
 
 def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list[str] | None = None,
                      output_names: list[str] | None = None, dynamic_axes: dict | None = None,
-                     opset_version: int = 20) -> onnx.ModelProto:
+                     opset_version: int = 20, int4_weights: str = "auto") -> onnx.ModelProto:
     """The QDQ fake-quant ONNX model of a calibrated ``model`` (the model itself is not changed).
+
+    ``int4_weights``: how 4-bit weights are stored. ``auto``: packed ONNX INT4 where the layer's input is
+    4-bit too (A4W4: ONNX Runtime has no integer kernel for INT4 activations either way), int8 values in
+    [-8, 7] otherwise (A8W4: ONNX Runtime then runs the layer as an int8 integer kernel, the fast path);
+    ``packed``: always INT4 (half the size, float kernels in ONNX Runtime); ``int8``: never packed.
 
     Quantizers that define ``set_onnx_mode`` export as Q/DQ; any other module (e.g. a frozen weight) as
     itself, so the same function also writes the float "modified" model of the AMCT flow.
@@ -389,7 +495,18 @@ def export_qdq_model(model: nn.Module, example_inputs: Any, *, input_names: list
                                     custom_translation_table={torch.ops.amct.fake_quant.default: _fake_quant_onnx})
     proto = program.model_proto
     weight_q = _rename(proto, layers, quantizers)
+    _narrow_activation_types(proto, {name: m.bits for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)})
     _fold_weight_quant(proto, weight_q)
+    if int4_weights not in ("auto", "packed", "int8"):
+        raise ValueError(f"int4_weights: got {int4_weights!r}; allowed: 'auto', 'packed' or 'int8'")
+    if int4_weights != "int8":
+        four = set()
+        for name, m in model.named_modules():
+            stage = weight_quantizer(m) if isinstance(m, CompressedLayer) else None
+            if stage is not None and stage.bits == 4 and (int4_weights == "packed" or (
+                    isinstance(m.input_quantizer, ActivationQuantizer) and m.input_quantizer.bits == 4)):
+                four.add(name)
+        _pack_int4_weights(proto, four)
     _transpose_weights(proto)
     _global_average_pools(proto)
     _quantize_gemm_bias(proto)

@@ -92,20 +92,26 @@ class ActivationQuantizer(nn.Module):
         return bool(self.calibrated)
 
     def set_onnx_mode(self, enabled: bool) -> None:
-        """Export through ``torch.ops.amct.fake_quant`` (-> QuantizeLinear/DequantizeLinear) with fixed factors."""
+        """Export through ``torch.ops.amct.fake_quant`` (-> QuantizeLinear/DequantizeLinear) with fixed factors.
+
+        8 bits: uint8 with zero point ``offset + 128`` (the same real values as int8 with ``offset``, and the
+        type onnxruntime's x86 integer kernels are fastest with); 16 bits: int16; 4 bits: int8 values in
+        [-8, 7], which the exporter stores as ONNX INT4 (opset 21).
+        """
         if enabled and not self.is_calibrated:
             raise CalibrationError("cannot export an uncalibrated activation quantizer")
-        if enabled and self.bits != 8:
-            raise ValueError(f"{self.bits}-bit activations have no standard Q/DQ form in the ONNX export (INT8 only)")
         self.onnx_mode = enabled
-        # exported as uint8 with zero point offset + 128: the same real values as int8 with ``offset``
-        # (q_u8 = q_s8 + 128), and the activation type onnxruntime's x86 integer kernels are fastest with
-        zero_point = (self.offset.detach().to(torch.int32) + 128).to(torch.uint8)
+        offset = self.offset.detach().to(torch.int32)
+        if self.bits == 8:
+            zero_point, self._onnx_range = (offset + 128).to(torch.uint8), (0, 255)
+        elif self.bits == 16:
+            zero_point, self._onnx_range = offset.to(torch.int16), qrange(16)
+        else:
+            zero_point, self._onnx_range = offset.to(torch.int8), qrange(self.bits)
         self._onnx_factors = (self.scale.detach().clone(), zero_point) if enabled else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onnx_mode:
-            return fake_quant_op(x, *self._onnx_factors, 0, 0, 255)
+            return fake_quant_op(x, *self._onnx_factors, 0, *self._onnx_range)
         if self.tied_to is not None:
             if self._sync() or not bool(self.calibrated):
                 return x  # the source is still calibrating (or fixed its factors in this very batch)

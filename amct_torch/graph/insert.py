@@ -8,9 +8,10 @@ residual block, ``torch.cat`` in a dense block, or the second call of a ReLU mod
   (its children stay opaque calls);
 * the new module is registered on the owner as a child (so it is in the ``state_dict`` under the owner's
   path, e.g. ``layer1.0.add_quant.scale``) and called right after the chosen call;
-* the owner keeps its class and its children; only its ``forward`` becomes the code fx generates from the
-  edited graph, bound to the owner itself. ``copy.deepcopy`` keeps that; pickling the whole model object
-  does not (save the ``state_dict``, as usual).
+* the owner keeps its children, its attributes and its ``state_dict``; its class becomes a subclass of
+  its class (same name, so ``isinstance`` and reprs are unchanged) whose ``forward`` is the code fx
+  generates from the edited graph; instances pickle as (class, source, state), so ``copy.deepcopy``,
+  ``pickle`` and ``torch.save(model)`` keep working.
 
 Calls are named as :class:`~amct_torch.graph.capture.Node` names them in an fx capture: ``node.scope`` is the
 owner's path, ``node.local`` the call's key ``(op, target, n)`` in the owner's forward.
@@ -18,12 +19,12 @@ owner's path, ``node.local`` the call's key ``(op, target, n)`` in the owner's f
 
 from __future__ import annotations
 
-import types
 from collections import Counter
 from typing import Any, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.graph_module import _format_import_block, sys_importer
 
 __all__ = ["insert_after", "InsertError"]
 
@@ -89,12 +90,42 @@ def insert_after(model: nn.Module, owner: str, points: Sequence[tuple[tuple, str
     for name, (_, _, module) in zip(names, points):
         target.add_module(name, module)
     graph.lint()
-    code = fx.GraphModule(target, graph)
-    target.forward = types.MethodType(type(code).forward, target)
+    code = graph.python_code(root_module="self")
+    source = _format_import_block(code.globals, sys_importer) + "\n" + code.src
+    base = getattr(type(target), "_amct_base", type(target))
+    target.__class__ = generated_class(base, source)
     return [f"{owner}.{n}" if owner else n for n in names]
+
+
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def generated_class(base: type, source: str) -> type:
+    """A subclass of ``base`` whose ``forward`` is ``source`` (fx-generated), picklable by rebuilding.
+
+    It keeps ``base``'s name, so reprs and ``isinstance`` are unchanged; ``__reduce_ex__`` pickles an
+    instance as (base class, source, state), so ``copy.deepcopy``, ``pickle`` and ``torch.save(model)``
+    work in a fresh process too.
+    """
+    key = (base, source)
+    if key not in _CLASSES:
+        namespace: dict[str, Any] = {}
+        exec(compile(source, f"<amct_torch forward of {base.__name__}>", "exec"), namespace)  # noqa: S102 - fx code
+
+        def __reduce_ex__(self: nn.Module, protocol: Any) -> tuple:
+            return _rebuild, (base, source), self.__getstate__()
+
+        _CLASSES[key] = type(base.__name__, (base,), {
+            "forward": namespace["forward"], "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__reduce_ex__": __reduce_ex__, "_amct_base": base, "_amct_forward_source": source})
+    return _CLASSES[key]
+
+
+def _rebuild(base: type, source: str) -> nn.Module:
+    cls = generated_class(base, source)
+    return cls.__new__(cls)
 
 
 def has_generated_forward(module: nn.Module) -> bool:
     """True when :func:`insert_after` replaced this module's forward."""
-    fwd: Any = module.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__self__ is module
+    return "_amct_forward_source" in vars(type(module))

@@ -60,7 +60,7 @@ def test_inserted_module_runs_after_the_chosen_call_only():
     ref = copy.deepcopy(net)
     paths = insert_after(net, "block", [(add.local, "add_double", Double()), (second_act.local, "act_1_double", Double())])
     assert paths == ["block.add_double", "block.act_1_double"]
-    assert type(net.block) is Block and has_generated_forward(net.block)
+    assert isinstance(net.block, Block) and has_generated_forward(net.block)
     with torch.no_grad():
         b = ref.block
         expected = ref.head(b.act(2 * (b.act(b.lin(x)) + x)) * 2)
@@ -96,3 +96,22 @@ def test_untraceable_owner_and_missing_call_are_errors_and_change_nothing():
     with pytest.raises(InsertError, match=r"block: calls \[\('call_module', 'act', 5\)\] not found"):
         insert_after(net2, "block", [(("call_module", "act", 5), "q", Double())])
     assert not hasattr(net2.block, "q")
+
+
+def test_a_model_with_a_generated_forward_pickles_and_deep_copies():
+    import io
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(3, 4)
+    g = capture(net)
+    add = next(n for n in g.nodes if n.kind == "function" and n.target == "add")
+    insert_after(net, "block", [(add.local, "add_double", Double())])
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+        loaded.block.add_double.factor.fill_(5.0)  # the loaded forward is bound to the loaded module
+        assert not torch.equal(loaded(x), net(x))
+        assert torch.equal(copy.deepcopy(net)(x), net(x))

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..config import Config, ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
 from ..graph import capture, fold_batch_norm, swap_layers
 from ..nn import CompressedAvgPool, CompressedConvTranspose, CompressedLayer
+from ..nn.refs import bind_references
 from .adaround import AdaRoundWeightQuantizer, optimize_rounding
 from .calibrators import make_calibrator
 from .placement import place_quantizers
@@ -126,6 +127,7 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
         place_quantizers(model, graph, plan, layers, configs.get, default)
     plan.layers = folded + plan.layers
     model.amct_plan = plan
+    bind_references(model)  # tied quantizers stay right in DataParallel replicas
     if verbose:
         print(plan)
     return model

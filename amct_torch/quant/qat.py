@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..config import Config, ConfigError, QatConfig, Targeting
 from ..graph import capture, fold_batch_norm, swap_layers
 from ..nn import CompressedConv, CompressedConvTranspose, CompressedLayer, FoldedBatchNorm
+from ..nn.refs import bind_references
 from .calibrators import make_calibrator
 from .placement import _View, place_quantizers
 from .ptq import _groups, quant_layers, weight_quantizer
@@ -124,6 +125,7 @@ def prepare_qat(model: nn.Module, config: QatConfig | Targeting | None = None, e
         place_quantizers(model, graph, plan, layers, configs.get, default, factory=make_learned_quantizer)
     plan.layers = folded + plan.layers
     model.amct_plan = plan
+    bind_references(model)  # tied quantizers and folded BNs stay right in DataParallel replicas
     model.train()
     if verbose:
         print(plan)

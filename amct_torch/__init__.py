@@ -14,7 +14,8 @@ Quantization-aware training::
     amct_torch.export(model, "out/model", x)
 
 AMCT scripts keep working with ``import amct_torch as amct`` (create_quant_config, quantize_model,
-save_model). The structural passes::
+save_model; create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model,
+save_quant_retrain_model). The structural passes::
 
     from amct_torch import capture, fold_batch_norm, swap_layers, QuantConfig, Targeting
 
@@ -30,7 +31,8 @@ from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
-from .compat import create_quant_config, quantize_model, save_model
+from .compat import (create_quant_config, create_quant_retrain_config, create_quant_retrain_model, quantize_model,
+                     restore_quant_retrain_model, save_model, save_quant_retrain_model)
 
 __version__ = "0.1.0"
 
@@ -38,4 +40,5 @@ __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "Pe
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",
            "freeze_bn_stats", "freeze_quantizers", "export", "create_quant_config",
-           "quantize_model", "save_model", "__version__"]
+           "quantize_model", "save_model", "create_quant_retrain_config", "create_quant_retrain_model",
+           "restore_quant_retrain_model", "save_quant_retrain_model", "__version__"]

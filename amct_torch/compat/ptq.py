@@ -33,34 +33,16 @@ from ..export.files import write_all
 from ..export.deploy import qdq_to_deploy
 from ..export.onnx_qdq import export_qdq_model
 from ..export.qdq_insert import insert_qdq
-from ..graph import fold_batch_norm, swap_layers
-from ..nn import CompressedLayer
 from ..quant.ptq import activation_quantizers, calibrate, quant_layers, quantize, weight_quantizer
+from ._layers import linear_like, pick_spelling as _pick, quantizable_layers as _quantizable_layers
 
 __all__ = ["create_quant_config", "quantize_model", "save_model"]
-
-_NO_CHANNELS = (nn.Linear,)
 
 
 def _amct_default(module: nn.Module, activation_offset: bool, batch_num: int) -> QuantConfig:
     """AMCT's default per-layer config: IFMR activations, ARQ weights, channel-wise except Linear-like layers."""
-    inner = module.module if isinstance(module, CompressedLayer) else module
-    linear_like = isinstance(inner, _NO_CHANNELS) or type(inner).__name__ == "Conv1D"
     return QuantConfig(activation_offset=activation_offset, batch_num=batch_num,
-                       weight_granularity=PerTensor() if linear_like else PerChannel())
-
-
-def _quantizable_layers(model: nn.Module, input_data: Any) -> dict[str, nn.Module]:
-    """The layers AMCT's flow would quantize (after BN folding), by module path, from a dry-run plan."""
-    folded, _ = fold_batch_norm(model.eval(), input_data)
-    _, plan = swap_layers(folded, Targeting(QuantConfig()), input_data, inplace=True)
-    return {name: folded.get_submodule(name).module for name in plan.wrapped()}
-
-
-def _pick(new: Any, old: Any, name: str) -> Any:
-    if new is not None and old is not None and new != old:
-        raise TypeError(f"give either {name} or its AMCT spelling, not both")
-    return new if new is not None else old
+                       weight_granularity=PerTensor() if linear_like(module) else PerChannel())
 
 
 def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_data: Any, skip_layers: list[str] | None = None,

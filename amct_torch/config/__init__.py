@@ -9,11 +9,14 @@ from .targeting import Resolution, Targeting
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
            "parse_granularity", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "Resolution", "Targeting"]
 
-# AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), record file.
+# AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.
 from .amct_cfg import CalibrationCfg, read_calibration_cfg, resolve_layer_configs, write_calibration_cfg
 from .amct_json import AmctGlobal, read_quant_json, write_quant_json
+from .amct_retrain import (RetrainCfg, RetrainSettings, read_retrain_cfg, read_retrain_json, resolve_retrain_configs,
+                           write_retrain_json)
 from .record import KVCacheRecord, LayerRecord, Record, read_record, write_record
 
 __all__ += ["AmctGlobal", "read_quant_json", "write_quant_json", "CalibrationCfg", "read_calibration_cfg",
-            "resolve_layer_configs", "write_calibration_cfg", "KVCacheRecord", "LayerRecord", "Record",
+            "resolve_layer_configs", "write_calibration_cfg", "RetrainCfg", "RetrainSettings", "read_retrain_cfg",
+            "read_retrain_json", "resolve_retrain_configs", "write_retrain_json", "KVCacheRecord", "LayerRecord", "Record",
             "read_record", "write_record"]

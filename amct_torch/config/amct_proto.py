@@ -1,11 +1,14 @@
 """AMCT's protobuf message types, built at import time without ``protoc``.
 
 The schemas of AMCT's ``calibration_config_pytorch.proto`` (the simplified ``.cfg`` of PTQ),
+``retrain_config_pytorch.proto`` (the simplified ``.cfg`` of QAT, pruning and combined compression),
 ``scale_offset_record_pytorch.proto`` (the record file of quantization factors) and the ``AttrProto``
 of ``basic_info.proto`` (package ``AMCTProto``, used by prune records) are written out here as
 ``FileDescriptorProto`` objects and loaded into a *private* descriptor pool, so nothing in the
 process-wide default pool is touched and no generated ``_pb2`` module is needed. Field names, numbers,
-labels and defaults follow AMCT (proto2); see ``docs`` notes in amct.md sections 2.2 and 3.
+labels and defaults follow AMCT (proto2); see ``docs`` notes in amct.md sections 2.2, 2.3 and 3. In
+the retrain schema the numbers amct.md does not give (the override messages, the pruner wrappers, the
+oneof names) are our choice; AMCT's files are protobuf *text*, which uses names, not numbers.
 
 ``AttrProto`` follows AMCT's own helper code: the enum is ``AttrProto.AttrType`` with ONNX's numbering
 (``UNDEFINED=0, FLOAT=1, INT=2, STRING=3, FLOATS=6, INTS=7, STRINGS=8``); ``AttributeType`` below is an
@@ -36,6 +39,10 @@ __all__ = [
     # calibration_config_pytorch.proto
     "AMCTConfig", "OverrideLayerType", "OverrideLayer", "CalibrationConfig", "ARQuantize", "ADAquantize",
     "DMQBalancer", "FMRQuantize", "HFMGQuantize", "CalibrationDataType", "FakequantPrecisionMode",
+    # retrain_config_pytorch.proto
+    "AMCTRetrainConfig", "RetrainOverrideLayer", "RetrainOverrideLayerType", "RetrainDataQuantConfig",
+    "ActULQquantize", "ClipMaxMin", "RetrainWeightQuantConfig", "ARQRetrain", "WtsULQRetrain", "PruneConfig",
+    "FilterPruner", "BalancedL2NormFilterPruner", "NOutOfMPruner", "L1SelectivePruner", "DataType", "NOutOfMType",
     # scale_offset_record_pytorch.proto and basic_info.proto
     "SingleLayerRecord", "SingleLayerKVCacheRecord", "MapFiledEntry", "ScaleOffsetRecord", "PruneRecord",
     "PruneNode", "AttrProto", "AttributeType",
@@ -185,6 +192,85 @@ _CALIBRATION = _file(
     ],
 )
 
+# Retrain (QAT / prune / combined compression) config. AMCT gives batch_num=1, retrain_data_quant_config=2,
+# retrain_weight_quant_config=3, skip_layers=4, override_layer_configs=5, skip_layer_types=6,
+# override_layer_types=7, prune_config=8, regular_prune_skip_*=9/10, quant_skip_*=11/12, ClipMaxMin 3/5.
+# Package AMCTRetrain (our choice, invisible in text format): its DataType values (INT4, INT8, INT16) would
+# clash with CalibrationDataType's in one package, since proto enum values are package-scoped.
+_OVERRIDE_BODY = [
+    ("optional", ".AMCTRetrain.RetrainDataQuantConfig", "retrain_data_quant_config", 2),
+    ("optional", ".AMCTRetrain.RetrainWeightQuantConfig", "retrain_weight_quant_config", 3),
+    ("optional", ".AMCTRetrain.PruneConfig", "prune_config", 4),
+]
+_RETRAIN = _file(
+    "amct_pytorch/proto/retrain_config_pytorch.proto", "AMCTRetrain",
+    deps=("amct_pytorch/proto/calibration_config_pytorch.proto",),
+    enums=[("DataType", [("INT4", 0), ("INT8", 1), ("INT16", 2)]),
+           ("NOutOfMType", [("M4N2", 0)])],
+    enum_types=frozenset({".AMCTRetrain.DataType", ".AMCTRetrain.NOutOfMType", ".FakequantPrecisionMode"}),
+    messages=[
+        ("AMCTRetrainConfig", [
+            ("optional", "uint32", "batch_num", 1, _d("1")),
+            ("optional", ".AMCTRetrain.RetrainDataQuantConfig", "retrain_data_quant_config", 2),
+            ("optional", ".AMCTRetrain.RetrainWeightQuantConfig", "retrain_weight_quant_config", 3),
+            ("repeated", "string", "skip_layers", 4),
+            ("repeated", ".AMCTRetrain.RetrainOverrideLayer", "override_layer_configs", 5),
+            ("repeated", "string", "skip_layer_types", 6),
+            ("repeated", ".AMCTRetrain.RetrainOverrideLayerType", "override_layer_types", 7),
+            ("optional", ".AMCTRetrain.PruneConfig", "prune_config", 8),
+            ("repeated", "string", "regular_prune_skip_layers", 9),
+            ("repeated", "string", "regular_prune_skip_types", 10),
+            ("repeated", "string", "quant_skip_layers", 11),
+            ("repeated", "string", "quant_skip_types", 12),
+            ("optional", ".FakequantPrecisionMode", "fakequant_precision_mode", 21),
+        ]),
+        ("RetrainOverrideLayer", [("required", "string", "layer_name", 1)] + _OVERRIDE_BODY),
+        ("RetrainOverrideLayerType", [("required", "string", "layer_type", 1)] + _OVERRIDE_BODY),
+        ("RetrainDataQuantConfig", [
+            ("optional", ".AMCTRetrain.ActULQquantize", "ulq_quantize", 1, _o("data_retrain_algo")),
+        ]),
+        ("ActULQquantize", [
+            ("optional", ".AMCTRetrain.ClipMaxMin", "clip_max_min", 1),
+            ("optional", "bool", "fixed_min", 2),
+            ("optional", ".AMCTRetrain.DataType", "dst_type", 3, _d("INT8")),
+        ]),
+        ("ClipMaxMin", [
+            ("required", "float", "clip_max", 3),
+            ("required", "float", "clip_min", 5),
+        ]),
+        ("RetrainWeightQuantConfig", [
+            ("optional", ".AMCTRetrain.ARQRetrain", "arq_retrain", 1, _o("weights_retrain_algo")),
+            ("optional", ".AMCTRetrain.WtsULQRetrain", "ulq_retrain", 2, _o("weights_retrain_algo")),
+        ]),
+        ("ARQRetrain", [
+            ("optional", ".AMCTRetrain.DataType", "dst_type", 1, _d("INT8")),
+            ("optional", "bool", "channel_wise", 2),
+        ]),
+        ("WtsULQRetrain", [
+            ("optional", ".AMCTRetrain.DataType", "dst_type", 1, _d("INT8")),
+            ("optional", "bool", "channel_wise", 2),
+        ]),
+        ("PruneConfig", [
+            ("optional", ".AMCTRetrain.FilterPruner", "filter_pruner", 1, _o("regular_prune_strategy")),
+            ("optional", ".AMCTRetrain.NOutOfMPruner", "n_out_of_m_pruner", 2, _o("regular_prune_strategy")),
+        ]),
+        ("FilterPruner", [
+            ("optional", ".AMCTRetrain.BalancedL2NormFilterPruner", "balanced_l2_norm_filter_prune", 1, _o("filter_prune_algo")),
+        ]),
+        ("BalancedL2NormFilterPruner", [
+            ("required", "float", "prune_ratio", 1),
+            ("optional", "bool", "ascend_optimized", 2, _d("true")),
+        ]),
+        ("NOutOfMPruner", [
+            ("optional", ".AMCTRetrain.L1SelectivePruner", "l1_selective_prune", 1, _o("n_out_of_m_prune_algo")),
+        ]),
+        ("L1SelectivePruner", [
+            ("optional", ".AMCTRetrain.NOutOfMType", "n_out_of_m_type", 1, _d("M4N2")),
+            ("optional", "uint32", "update_freq", 2, _d("0")),
+        ]),
+    ],
+)
+
 _RECORD = _file(
     "amct_pytorch/proto/scale_offset_record_pytorch.proto", "",
     deps=("amct_pytorch/proto/basic_info.proto",),
@@ -233,7 +319,7 @@ _RECORD = _file(
 
 #: The private descriptor pool holding AMCT's types (the process-wide default pool is not touched).
 POOL = descriptor_pool.DescriptorPool()
-for _fdp in (_BASIC_INFO, _CALIBRATION, _RECORD):
+for _fdp in (_BASIC_INFO, _CALIBRATION, _RETRAIN, _RECORD):
     POOL.Add(_fdp)
 
 
@@ -256,6 +342,21 @@ ADAquantize = _message_class("ADAquantize")
 DMQBalancer = _message_class("DMQBalancer")
 FMRQuantize = _message_class("FMRQuantize")
 HFMGQuantize = _message_class("HFMGQuantize")
+
+AMCTRetrainConfig = _message_class("AMCTRetrain.AMCTRetrainConfig")
+RetrainOverrideLayer = _message_class("AMCTRetrain.RetrainOverrideLayer")
+RetrainOverrideLayerType = _message_class("AMCTRetrain.RetrainOverrideLayerType")
+RetrainDataQuantConfig = _message_class("AMCTRetrain.RetrainDataQuantConfig")
+ActULQquantize = _message_class("AMCTRetrain.ActULQquantize")
+ClipMaxMin = _message_class("AMCTRetrain.ClipMaxMin")
+RetrainWeightQuantConfig = _message_class("AMCTRetrain.RetrainWeightQuantConfig")
+ARQRetrain = _message_class("AMCTRetrain.ARQRetrain")
+WtsULQRetrain = _message_class("AMCTRetrain.WtsULQRetrain")
+PruneConfig = _message_class("AMCTRetrain.PruneConfig")
+FilterPruner = _message_class("AMCTRetrain.FilterPruner")
+BalancedL2NormFilterPruner = _message_class("AMCTRetrain.BalancedL2NormFilterPruner")
+NOutOfMPruner = _message_class("AMCTRetrain.NOutOfMPruner")
+L1SelectivePruner = _message_class("AMCTRetrain.L1SelectivePruner")
 
 SingleLayerRecord = _message_class("SingleLayerRecord")
 SingleLayerKVCacheRecord = _message_class("SingleLayerKVCacheRecord")
@@ -286,6 +387,8 @@ class _EnumNames:
 
 CalibrationDataType = _EnumNames(POOL.FindEnumTypeByName("CalibrationDataType"))
 FakequantPrecisionMode = _EnumNames(POOL.FindEnumTypeByName("FakequantPrecisionMode"))
+DataType = _EnumNames(POOL.FindEnumTypeByName("AMCTRetrain.DataType"))
+NOutOfMType = _EnumNames(POOL.FindEnumTypeByName("AMCTRetrain.NOutOfMType"))
 #: AMCT calls it ``AttrProto.AttrType``; the alias is the name used in this project's docs.
 AttributeType = _EnumNames(POOL.FindEnumTypeByName("AMCTProto.AttrProto.AttrType"))
 

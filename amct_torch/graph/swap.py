@@ -26,9 +26,12 @@ Attach = Callable[[str, CompressedLayer, Config], None]
 """``attach(name, wrapper, config)``: a technique's hook that adds stages/quantizers to a fresh wrapper."""
 
 
-def _describe(config: Config) -> str:
+def _describe(config: Config, layer: CompressedLayer) -> str:
     short = getattr(config, "short", None)
-    return short() if callable(short) else type(config).__name__
+    text = short() if callable(short) else type(config).__name__
+    if not layer.has_weight and " / " in text:  # "W8 ... / A8 ...": a weightless layer only has the second half
+        text = text.split(" / ", 1)[1]
+    return text
 
 
 def _has_own_params(m: nn.Module) -> bool:
@@ -109,7 +112,7 @@ def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs:
             attach(name, layer, resolution.config)
         model.set_submodule(name, layer)
         wrapped_prefixes.append(name)
-        plan.layers.append(LayerPlan(name, kind, "wrap", _describe(resolution.config), resolution.source))
+        plan.layers.append(LayerPlan(name, kind, "wrap", _describe(resolution.config, layer), resolution.source))
     plan.warnings += [f"targeting entry {e} matched no layer" for e in targeting.unused_entries(seen_names, seen_modules)]
     return model, plan
 

@@ -361,3 +361,16 @@ def test_adaround_w4_never_worse_than_nearest(net, batches):
     for name in ("conv", "conv2", "fc"):
         stats = weight_quantizer(getattr(q, name)).stats
         assert stats["error_adaround"] <= stats["error_nearest"], (name, stats)
+
+
+def test_avgpool_quantizes_its_input_and_its_plan_line_names_no_weight():
+    import amct_torch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    q = amct_torch.quantize(model, QuantConfig(activation_calibrator="minmax"), x)
+    line = q.amct_plan["2"]
+    assert line.layer_type == "AvgPool2d" and line.detail.startswith("A8 minmax asym") and "W8" not in line.detail
+    amct_torch.calibrate(q, [x], progress=False)
+    assert q[2].input_quantizer.is_calibrated and q[2].output_quantizer.is_calibrated

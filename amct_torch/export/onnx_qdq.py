@@ -58,6 +58,9 @@ class _FrozenQuantWeight(nn.Module):
 def _prepare_for_onnx(model: nn.Module) -> None:
     """Fix every factor: activation quantizers to Q/DQ mode, weight pipelines to constants through Q/DQ."""
     for m in model.modules():
+        if isinstance(m, CompressedLayer) and getattr(m.module, "bias", None) is not None:
+            with torch.no_grad():  # pruning masks on the bias: baked before the pipeline is frozen
+                m.module.bias.copy_(m.effective_bias())
         if isinstance(m, CompressedConv):
             m.bake_batch_norm()  # QAT: the BN trained folded becomes the conv's weight and bias
     for m in model.modules():

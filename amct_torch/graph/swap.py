@@ -40,7 +40,7 @@ def _has_own_params(m: nn.Module) -> bool:
 
 def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs: Any = None, *,
                 graph: CapturedGraph | None = None, attach: Attach | None = None, inplace: bool = False,
-                title: str = "swap") -> tuple[nn.Module, Plan]:
+                title: str = "swap", reuse_wrapped: bool = False) -> tuple[nn.Module, Plan]:
     """Wrap every supported layer that ``targeting`` gives a config; return the model and its plan.
 
     Args:
@@ -51,6 +51,9 @@ def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs:
         attach: called as ``attach(name, wrapper, config)`` for every new wrapper, before it is installed,
             so a technique creates all its state at prepare time.
         inplace: modify ``model`` itself.
+        reuse_wrapped: layers that are already wrappers (an earlier pass wrapped them) get ``attach`` on
+            the existing wrapper, targeted by their inner layer, instead of ``skip: already wrapped``; this
+            is how passes compose (prune, then quantize: one wrapper, a longer pipeline).
 
     The plan lists every supported layer and every other leaf layer with parameters; skipped ones say
     why (``skip`` list, ``None`` config, shared, reused, never called, custom forward).
@@ -83,7 +86,20 @@ def swap_layers(model: nn.Module, targeting: Targeting | Config, example_inputs:
         kind = type(m).__name__
         if isinstance(m, CompressedLayer):
             wrapped_prefixes.append(name)
-            plan.layers.append(LayerPlan(name, type(m.module).__name__, "skip", "already wrapped"))
+            if not reuse_wrapped:
+                plan.layers.append(LayerPlan(name, type(m.module).__name__, "skip", "already wrapped"))
+                continue
+            seen_names.append(name)
+            seen_modules.append(m.module)
+            resolution = targeting.resolve(name, m.module)
+            if resolution.config is None:
+                plan.layers.append(LayerPlan(name, type(m.module).__name__, "skip", "targeting gives no config",
+                                             resolution.source))
+                continue
+            if attach is not None:
+                attach(name, m, resolution.config)
+            plan.layers.append(LayerPlan(name, type(m.module).__name__, "wrap",
+                                         _describe(resolution.config, m) + " (on the existing wrapper)", resolution.source))
             continue
         wrapper = wrapper_for(m)
         if wrapper is None:

@@ -66,6 +66,18 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
             raise AttributeError(f"{type(self.module).__name__} has no weight")
         return self.weight_pipeline(self.module.weight)
 
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the op sees: ``module.bias`` times the ``bias_mask`` of any pipeline stage that has one
+        (a channel-pruning mask zeroes the bias of pruned output channels too)."""
+        bias = getattr(self.module, "bias", None)
+        if bias is None or self.weight_pipeline is None:
+            return bias
+        for stage in self.weight_pipeline:
+            mask = getattr(stage, "bias_mask", None)
+            if mask is not None:
+                bias = bias * mask
+        return bias
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)

@@ -54,8 +54,8 @@ class CompressedConv(CompressedLayer):
     def _op(self, x: torch.Tensor, weight: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         bn = self.folded_bn
         if bn is None:
-            return self.module._conv_forward(x, weight, self.module.bias)
-        return bn.apply_after_conv(self.module._conv_forward(x, weight, None), self.module.bias)
+            return self.module._conv_forward(x, weight, self.effective_bias())
+        return bn.apply_after_conv(self.module._conv_forward(x, weight, None), self.effective_bias())
 
 
 _CONV_T = {nn.ConvTranspose1d: (F.conv_transpose1d, 1), nn.ConvTranspose2d: (F.conv_transpose2d, 2),
@@ -72,7 +72,7 @@ class CompressedConvTranspose(CompressedLayer):
         m = self.module
         fn, dims = next(v for k, v in _CONV_T.items() if isinstance(m, k))
         output_padding = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, dims, m.dilation)
-        return fn(x, weight, m.bias, m.stride, m.padding, output_padding, m.groups, m.dilation)
+        return fn(x, weight, self.effective_bias(), m.stride, m.padding, output_padding, m.groups, m.dilation)
 
 
 @register_wrapper(nn.Linear)
@@ -82,7 +82,7 @@ class CompressedLinear(CompressedLayer):
     weight_channel_axis = 0
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return F.linear(x, weight, self.module.bias)
+        return F.linear(x, weight, self.effective_bias())
 
 
 class CompressedConv1D(CompressedLayer):
@@ -92,7 +92,7 @@ class CompressedConv1D(CompressedLayer):
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.module.nf,)
-        y = torch.addmm(self.module.bias, x.view(-1, x.size(-1)), weight)
+        y = torch.addmm(self.effective_bias(), x.view(-1, x.size(-1)), weight)
         return y.view(size_out)
 
 

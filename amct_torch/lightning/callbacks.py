@@ -1,0 +1,8 @@
+"""The callbacks, in one place (``class_path: amct_torch.lightning.callbacks.<Name>`` works as well as
+``amct_torch.lightning.<Name>``)."""
+
+from .onnx_export import ONNXExport
+from .ptq import PostTrainingQuantization
+from .qat import QuantizationAwareTraining, load_qat_checkpoint
+
+__all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint"]

@@ -5,6 +5,8 @@
 3. Calibrate (HFMG, 4 batches), export the ONNX Runtime fake-quant model, the ATC deploy model and the
    AMCT record, and compare fp32 with INT8: accuracy in PyTorch and in ONNX Runtime, the deploy model
    run through the reference Ascend ops, file size and ONNX Runtime latency.
+4. Quantization-aware training at A8W4 with the Lightning callback (two short epochs, BatchNorm statistics
+   frozen for the second), export, and the same comparison next to PTQ at A8W4.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from . import QuantConfig, calibrate, capture, export, quantize
+import lightning as L
+
+from . import QatConfig, QuantConfig, calibrate, capture, export, quantize
+from ._quiet import quiet
+from .lightning import QuantizationAwareTraining
 from .export import make_reference_evaluator
 from .graph.plan import render_table
-from .zoo import evaluate_accuracy, pretrained, reference_datamodule
+from .zoo import evaluate_accuracy, pretrained, reference_datamodule, reference_task
 
 
 def _ort_session(path: Path) -> ort.InferenceSession:
@@ -99,6 +105,35 @@ def main() -> None:
           f"{agree:.0%} of 16 test images (max |logit diff| {np.abs(deploy_out - ort_out).max():.3g})")
     print(f"files: {result.fake_quant}\n       {result.deploy}\n       {result.record}")
     print(result.deploy_report)
+
+    print("\n== 4. quantization-aware training (A8W4) with the Lightning callback, next to PTQ at A8W4")
+    ptq4 = quantize(model, QuantConfig(weight_bits=4, activation_calibrator="hfmg", batch_num=4), x)
+    calibrate(ptq4, dm.calibration_batches(4), progress=False)
+    ptq4_res = export(ptq4, out / f"{name}_ptq_w4", x, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    t = time.perf_counter()
+    qat_cb = QuantizationAwareTraining(QatConfig(weight_bits=4), freeze_bn_epoch=1, example_inputs=x,
+                                       export_path=out / f"{name}_qat_w4",
+                                       export_kwargs={"input_names": ["x"], "dynamic_axes": {"x": {0: "batch"}}})
+    task = reference_task(name, model=pretrained(name, verbose=False), lr=5e-4, weight_decay=0.0,
+                          schedule="constant")
+    with quiet(("lightning", "lightning.pytorch", "lightning.fabric"), stdout=False):
+        trainer = L.Trainer(max_epochs=2, limit_train_batches=10, callbacks=[qat_cb], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(task, datamodule=dm)
+    qat_s = time.perf_counter() - t
+    qat_model = task.model.eval()
+    ptq4_sess, qat_sess = _ort_session(ptq4_res.fake_quant), _ort_session(qat_cb.exported["fake_quant"])
+    rows = [
+        ("fp32", f"{acc:.4f}", f"{_ort_accuracy(fp32_sess, test):.4f}", f"{(out / 'fp32.onnx').stat().st_size / 1024:.0f}"),
+        ("PTQ A8W4 (HFMG)", f"{evaluate_accuracy(ptq4, test):.4f}", f"{_ort_accuracy(ptq4_sess, test):.4f}",
+         f"{ptq4_res.fake_quant.stat().st_size / 1024:.0f}"),
+        ("QAT A8W4 (ULQ, 2x10 steps)", f"{evaluate_accuracy(qat_model, test):.4f}", f"{_ort_accuracy(qat_sess, test):.4f}",
+         f"{qat_cb.exported['fake_quant'].stat().st_size / 1024:.0f}"),
+    ]
+    print(render_table(["model", "acc (PyTorch)", "acc (ORT)", "ONNX KiB"], rows))
+    print(f"QAT: {qat_s:.1f} s; files: {qat_cb.exported['fake_quant']}\n"
+          f"                      {qat_cb.exported['deploy']}")
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
 
 

@@ -84,6 +84,8 @@ class QuantizationAwareTraining(Callback):
         freeze_quantizers_epoch, freeze_quantizers_step: stop learning the ranges from this epoch / step on.
         log_ranges: log every learned range at the end of each training epoch.
         export_path: file prefix (``out/model``) of an :func:`amct_torch.export` at the end of fit.
+        export_kwargs: more arguments for that export, e.g. ``{"input_names": ["x"], "dynamic_axes":
+            {"x": {0: "batch"}}}`` for a model that takes any batch size.
     """
 
     def __init__(self, config: Union[QatConfig, Targeting, dict[str, Any], None] = None, *, attr: str = "model",
@@ -91,7 +93,8 @@ class QuantizationAwareTraining(Callback):
                  quantize_outputs: str = "auto", freeze_bn_epoch: Optional[int] = None,
                  freeze_bn_step: Optional[int] = None, freeze_quantizers_epoch: Optional[int] = None,
                  freeze_quantizers_step: Optional[int] = None, log_ranges: bool = True,
-                 export_path: Union[str, os.PathLike, None] = None, verbose: bool = False):
+                 export_path: Union[str, os.PathLike, None] = None, export_kwargs: Optional[dict[str, Any]] = None,
+                 verbose: bool = False):
         if quantize_outputs not in ("auto", "none"):
             raise ValueError(f"QuantizationAwareTraining.quantize_outputs: got {quantize_outputs!r}; "
                              "allowed: 'auto' or 'none'")
@@ -107,6 +110,7 @@ class QuantizationAwareTraining(Callback):
         self.freeze_quantizers_epoch, self.freeze_quantizers_step = freeze_quantizers_epoch, freeze_quantizers_step
         self.log_ranges = log_ranges
         self.export_path = export_path
+        self.export_kwargs = dict(export_kwargs or {})
         self.verbose = verbose
         #: what has been frozen so far (in checkpoints)
         self.bn_frozen = False
@@ -213,7 +217,8 @@ class QuantizationAwareTraining(Callback):
         if self.export_path is None or not trainer.is_global_zero:
             return
         model = network(pl_module, self.attr, "QuantizationAwareTraining")
-        self.exported = export_model(model, self.export_path, self.example_inputs, "QuantizationAwareTraining")
+        self.exported = export_model(model, self.export_path, self.example_inputs, "QuantizationAwareTraining",
+                                     **self.export_kwargs)
         rank_zero_info("QuantizationAwareTraining: exported " + ", ".join(str(p) for p in self.exported.values()))
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -25,20 +25,22 @@ save_quant_retrain_model). The structural passes::
     print(plan)
 """
 
-from .config import (Config, ConfigError, Granularity, PerChannel, PerGroup, PerTensor, PerToken, QatConfig,
-                     QuantConfig, Targeting)
+from .config import (ChannelPruneConfig, Config, ConfigError, Granularity, PerChannel, PerGroup, PerTensor, PerToken,
+                     QatConfig, QuantConfig, Targeting)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
+from .sparsity import prune_channels, shrink
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
 from .compat import (create_quant_config, create_quant_retrain_config, create_quant_retrain_model, quantize_model,
                      restore_quant_retrain_model, save_model, save_quant_retrain_model)
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "QatConfig", "QuantConfig",
+__all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "ChannelPruneConfig",
+           "QatConfig", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",
-           "freeze_bn_stats", "freeze_quantizers", "export", "create_quant_config",
+           "freeze_bn_stats", "freeze_quantizers", "prune_channels", "shrink", "export", "create_quant_config",
            "quantize_model", "save_model", "create_quant_retrain_config", "create_quant_retrain_model",
            "restore_quant_retrain_model", "save_quant_retrain_model", "__version__"]

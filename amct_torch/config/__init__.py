@@ -2,12 +2,15 @@
 
 from .base import Config, ConfigError
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
+from .prune import ChannelPruneConfig
 from .qat import QAT_BIT_WIDTHS, QatConfig
 from .quant import QuantConfig
+from .sparsity import MagnitudeConfig, NMConfig
 from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
-           "parse_granularity", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "Resolution", "Targeting"]
+           "parse_granularity", "ChannelPruneConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
+           "Targeting"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.
 from .amct_cfg import CalibrationCfg, read_calibration_cfg, resolve_layer_configs, write_calibration_cfg

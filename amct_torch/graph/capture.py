@@ -133,13 +133,15 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 # -- leaves ------------------------------------------------------------------------------------
 def is_leaf(module: nn.Module) -> bool:
-    """A module whose call is one node: wrappers, wrappable layers and modules without children."""
-    return isinstance(module, CompressedLayer) or wrapper_for(module) is not None or not any(True for _ in module.children())
+    """A module whose call is one node: wrappers, wrappable layers, our own quantizers (classes with
+    ``_amct_leaf = True``: one call, elementwise on its input) and modules without children."""
+    return isinstance(module, CompressedLayer) or getattr(module, "_amct_leaf", False) \
+        or wrapper_for(module) is not None or not any(True for _ in module.children())
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, CompressedLayer) or wrapper_for(m) is not None:
+        if isinstance(m, CompressedLayer) or getattr(m, "_amct_leaf", False) or wrapper_for(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .capture import CapturedGraph, Node, capture
 from .plan import LayerPlan, Plan
-from ..nn import FoldedBatchNorm
+from ..nn import CompressedLayer, FoldedBatchNorm
 
 __all__ = ["fold_batch_norm", "fold_conv_bn_"]
 
@@ -51,6 +51,10 @@ def _why_not(model: nn.Module, bn_node: Node, graph: CapturedGraph, counts: dict
     conv_node = producers[0]
     conv_name = conv_node.target
     conv = model.get_submodule(conv_name)
+    if isinstance(conv, CompressedLayer):  # wrapped by an earlier pass (e.g. pruning masks): fold into its layer
+        if conv.input_quantizer is not None or any(hasattr(s, "scale") for s in conv.weight_pipeline or ()):
+            return conv_name, f"{conv_name} is already quantized; fold before quantizing"
+        conv = conv.module
     want = _BN_FOR_CONV.get(type(conv))
     if want is None:
         return conv_name, f"producer {conv_name} is {type(conv).__name__}, not Conv1d/2d/3d"
@@ -135,7 +139,8 @@ def fold_batch_norm(model: nn.Module, example_inputs: Any = None, *, graph: Capt
             plan.layers.append(LayerPlan(node.target, type(bn).__name__, "fold",
                                          f"trained folded into {conv_name}", conv_name))
             continue
-        fold_conv_bn_(model.get_submodule(conv_name), bn)
+        target = model.get_submodule(conv_name)
+        fold_conv_bn_(target.module if isinstance(target, CompressedLayer) else target, bn)
         model.set_submodule(node.target, nn.Identity())
         plan.layers.append(LayerPlan(node.target, type(bn).__name__, "fold", f"into {conv_name}", conv_name))
     return model, plan

@@ -74,6 +74,8 @@ def _attach(name: str, layer: CompressedLayer, cfg: Config) -> None:
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"quantize: layer {name!r} got {type(cfg).__name__}; allowed: QuantConfig")
     _check_layer(name, layer, cfg)
+    if weight_quantizer(layer) is not None or layer.input_quantizer is not None:
+        raise ConfigError(f"layer {name!r}", "already quantized", "a float or pruned/clustered layer (quantize once)")
     layer.quant_config = cfg
     if cfg.activation_bits is not None:
         layer.input_quantizer = ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset,
@@ -119,7 +121,8 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
     if fold_bn:
         model, fold_plan = fold_batch_norm(model, graph=graph, skip=skip_fusion_layers, inplace=True)
         folded = fold_plan.layers
-    model, plan = swap_layers(model, targeting, graph=graph, attach=_attach, inplace=True, title="quantize")
+    model, plan = swap_layers(model, targeting, graph=graph, attach=_attach, inplace=True, title="quantize",
+                              reuse_wrapped=True)
     if quantize_outputs == "auto":
         layers = quant_layers(model)
         configs = {n: m.quant_config for n, m in layers.items() if getattr(m, "quant_config", None) is not None}

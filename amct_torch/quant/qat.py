@@ -96,6 +96,8 @@ def prepare_qat(model: nn.Module, config: QatConfig | Targeting | None = None, e
         if not isinstance(cfg, QatConfig):
             raise TypeError(f"prepare_qat: layer {name!r} got {type(cfg).__name__}; allowed: QatConfig")
         _check(name, layer, cfg)
+        if weight_quantizer(layer) is not None or layer.input_quantizer is not None:
+            raise ConfigError(f"layer {name!r}", "already quantized", "a float or pruned/clustered layer (prepare once)")
         layer.quant_config = cfg
         if name in pending and isinstance(layer, CompressedConv):
             layer.attach_batch_norm(pending.pop(name))
@@ -108,7 +110,8 @@ def prepare_qat(model: nn.Module, config: QatConfig | Targeting | None = None, e
             w, cfg.weight_bits, cfg.weight_granularity, layer.weight_channel_axis, _groups(layer)))
         layer.weight_pipeline[-1].config = cfg
 
-    model, plan = swap_layers(model, targeting, graph=graph, attach=attach, inplace=True, title="prepare QAT")
+    model, plan = swap_layers(model, targeting, graph=graph, attach=attach, inplace=True, title="prepare QAT",
+                              reuse_wrapped=True)
     for conv_path, bn in pending.items():  # a conv that was not quantized: fold its BN for good
         conv = model.get_submodule(conv_path)
         plan.warnings.append(f"{conv_path} is not quantized: its BatchNorm trains folded without quantization")

@@ -35,12 +35,16 @@ class CalibrationError(RuntimeError):
 class ActivationQuantizer(nn.Module):
     """Per-tensor activation quantizer: calibrate for ``batch_num`` batches, then fake-quantize.
 
+    Graph capture treats it as one call (``_amct_leaf``): its forward branches on its state.
+
     Args:
         bits: 4, 8 or 16.
         symmetric: offset fixed at 0 when true.
         calibrator: the observer that picks the clip range (min/max, percentile, IFMR, HFMG, MSE).
         batch_num: batches to observe before the factors are fixed.
     """
+
+    _amct_leaf = True
 
     def __init__(self, bits: int, symmetric: bool, calibrator: Calibrator, batch_num: int = 1):
         super().__init__()

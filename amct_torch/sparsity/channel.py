@@ -1,0 +1,221 @@
+"""Channel (filter) pruning: masks whole channels of every dependency group, by an importance criterion.
+
+    pruned = amct_torch.prune_channels(model, ChannelPruneConfig(ratio=0.5, criterion="fpgm"), x)
+    print(pruned.amct_channel_plan)          # every group: its causal chain, channels kept, or why not pruned
+    ... fine-tune the masked model ...
+    small, record = amct_torch.shrink(pruned, x)   # physically smaller, same outputs
+
+The masked model keeps every tensor's shape: a pruned output channel's filter and bias are zeroed
+(producers), and every layer that reads the channel ignores it (its input-channel weights are masked),
+so the masked model computes exactly what the shrunk one does, while fine-tuning and checkpoints work
+on the original structure (the masks are ``MaskStage`` buffers in the ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config.prune import ChannelPruneConfig
+from ..graph import swap_layers
+from ..graph.groups import ChannelGroup, GroupAnalysis, channel_groups
+from ..graph.plan import render_table
+from ..config import Targeting
+from ..nn import CompressedLayer
+from .criteria import DATA_CRITERIA, data_scores, out_axis, weight_scores
+from .masks import MaskStage
+
+__all__ = ["prune_channels", "ChannelPrunePlan", "channel_mask_stage", "in_axis", "channel_pruner"]
+
+
+def _inner(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, CompressedLayer) else m
+
+
+def in_axis(m: nn.Module) -> int:
+    """Input-channel axis of a layer's weight (ConvTranspose: 0, others: 1)."""
+    return 0 if isinstance(_inner(m), nn.modules.conv._ConvTransposeNd) else 1
+
+
+def channel_mask_stage(layer: CompressedLayer) -> MaskStage:
+    """The layer's channel mask stage (created first in its pipeline if missing)."""
+    for stage in layer.weight_pipeline:
+        if isinstance(stage, MaskStage) and stage.kind == "channel":
+            return stage
+    inner = layer.module
+    cout = inner.weight.shape[out_axis(layer)] if not isinstance(inner, nn.modules.conv._ConvTransposeNd) \
+        else inner.out_channels
+    stage = MaskStage(inner.weight.detach(), "channel", out_channels=cout if getattr(inner, "bias", None) is not None else None)
+    layer.weight_pipeline.insert(0, stage)
+    return stage
+
+
+@dataclass
+class _GroupDecision:
+    group: ChannelGroup
+    keep: np.ndarray | None = None  # class indices kept
+    scores: np.ndarray | None = None
+    reason: str = ""
+
+
+@dataclass
+class ChannelPrunePlan:
+    """What channel pruning did to every group."""
+
+    config: ChannelPruneConfig
+    decisions: list[_GroupDecision] = field(default_factory=list)
+    analysis: GroupAnalysis | None = None
+
+    def pruned_channels(self) -> int:
+        return sum(d.group.channels - len(d.keep) for d in self.decisions if d.keep is not None)
+
+    def table(self) -> str:
+        rows = []
+        for d in self.decisions:
+            g = d.group
+            kept = f"{len(d.keep)}/{g.channels}" if d.keep is not None else f"{g.channels}/{g.channels}"
+            rows.append((g.index, ", ".join(g.producers)[:60], kept, d.reason or ("pruned" if d.keep is not None else "")))
+        return render_table(["group", "producers", "kept", "note"], rows)
+
+    def __str__(self) -> str:
+        head = (f"channel pruning ({self.config.criterion}, ratio {self.config.ratio}"
+                f"{', ascend_optimized' if self.config.ascend_optimized else ''}): "
+                f"{self.pruned_channels()} channels pruned in "
+                f"{sum(1 for d in self.decisions if d.keep is not None)} of {len(self.decisions)} groups")
+        chains = [d.group.describe() for d in self.decisions]
+        return "\n".join([head, self.table(), "", "groups:"] + [f"  {c}" for c in chains])
+
+
+def _n_keep(channels: int, cfg: ChannelPruneConfig) -> int:
+    keep = max(cfg.min_channels, int(math.ceil(channels * (1.0 - cfg.ratio) - 1e-9)))
+    if cfg.ascend_optimized:
+        keep = int(math.ceil(keep / cfg.round_to) * cfg.round_to)
+    return min(channels, keep)
+
+
+def _set_masks(model: nn.Module, decisions: list[_GroupDecision]) -> None:
+    """Producers: pruned output channels zeroed (weight and bias); consumers: pruned inputs ignored."""
+    out_keep: dict[str, np.ndarray] = {}
+    in_drop: dict[str, np.ndarray] = {}
+    for d in decisions:
+        if d.keep is None:
+            continue
+        g = d.group
+        pruned = np.ones(g.channels, bool)
+        pruned[d.keep] = False
+        for p in g.producers:
+            cls = g.producer_channels[p]
+            drop = (cls >= 0) & pruned[np.maximum(cls, 0)]
+            out_keep[p] = out_keep.get(p, np.ones(len(cls), bool)) & ~drop
+        for c in g.consumers:
+            cls = g.consumer_channels[c]
+            drop = (cls >= 0) & pruned[np.maximum(cls, 0)]
+            in_drop[c] = in_drop.get(c, np.zeros(len(cls), bool)) | drop
+    for name in set(out_keep) | set(in_drop):
+        layer = model.get_submodule(name)
+        stage = channel_mask_stage(layer)
+        w = layer.module.weight
+        mask = stage.mask.clone()
+        bias_mask = stage.bias_mask.clone() if stage.bias_mask is not None else None
+        if name in out_keep:
+            keep = torch.as_tensor(out_keep[name], dtype=mask.dtype)
+            inner = layer.module
+            if isinstance(inner, nn.modules.conv._ConvTransposeNd):
+                groups, cin = inner.groups, w.shape[0]
+                per = keep.reshape(groups, -1)  # out channels by group -> weight (in, out/groups, ...)
+                m = per.repeat_interleave(cin // groups, dim=0)
+                mask = mask * m.reshape(cin, -1, *([1] * (w.dim() - 2)))
+            else:
+                mask = mask * keep.reshape(-1, *([1] * (w.dim() - 1)))
+            if bias_mask is not None:
+                bias_mask = bias_mask * keep
+        if name in in_drop:
+            keep_in = torch.as_tensor(~in_drop[name], dtype=mask.dtype)
+            ax = in_axis(layer)
+            shape = [1] * w.dim()
+            shape[ax] = -1
+            if len(keep_in) != w.shape[ax]:
+                raise RuntimeError(f"{name}: {len(keep_in)} tracked input channels, weight has {w.shape[ax]}")
+            mask = mask * keep_in.reshape(shape)
+        stage.set_mask(mask, bias_mask)
+
+
+def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, example_inputs: Any = None, *,
+                   data: Iterable[Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
+                   num_batches: int = 4, skip: Iterable[str] = (), only: Iterable[str] | None = None,
+                   inplace: bool = False) -> nn.Module:
+    """Mask the least important channels of every prunable dependency group.
+
+    Args:
+        model: a float model (plain, or already wrapped by another pass).
+        config: ratio (fraction of each group's channels pruned), criterion, AMCT's ``ascend_optimized``
+            rounding of kept channels to multiples of ``round_to``.
+        example_inputs: inputs for capture and shapes.
+        data, loss_fn, num_batches: for the data criteria (``taylor``, ``apoz``, ``mean_activation``).
+        skip: producer layer names (globs) whose groups are left whole.
+        only: prune only the groups of these producer layers (globs), e.g. for a per-layer sensitivity scan.
+        inplace: modify ``model`` itself.
+
+    Returns the masked model; ``model.amct_channel_plan`` (:class:`ChannelPrunePlan`) says what happened
+    to every group, with its causal chain.
+    """
+    import fnmatch
+
+    config = ChannelPruneConfig() if config is None else config
+    if not isinstance(config, ChannelPruneConfig):
+        raise TypeError(f"prune_channels(config=...): got {type(config).__name__}; allowed: ChannelPruneConfig")
+    if config.criterion in DATA_CRITERIA and data is None:
+        raise ValueError(f"criterion {config.criterion!r} scores channels from data: pass data= (and loss_fn= for taylor)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    analysis = channel_groups(model, example_inputs)
+    skip = tuple(skip)
+    only = None if only is None else tuple(only)
+    decisions = []
+    for g in analysis.groups:
+        d = _GroupDecision(g)
+        hit = next((p for p in g.producers for pat in skip if fnmatch.fnmatchcase(p, pat)), None)
+        if not g.prunable:
+            d.reason = f"not prunable: {g.blocked}"
+        elif hit is not None:
+            d.reason = f"skipped ({hit} in skip list)"
+        elif only is not None and not any(fnmatch.fnmatchcase(p, pat) for p in g.producers for pat in only):
+            d.reason = "not selected (only=...)"
+        decisions.append(d)
+    active = [d for d in decisions if not d.reason]
+    involved = sorted({n for d in active for n in (*d.group.producers, *d.group.consumers)})
+    if involved:
+        marker = ChannelPruneConfig(ratio=config.ratio)
+        model, _ = swap_layers(model, Targeting(None, module_name={n: marker for n in involved}),
+                               example_inputs, inplace=True, title="channel prune", reuse_wrapped=True)
+    if config.criterion in DATA_CRITERIA:
+        scores = data_scores(model, [d.group for d in active], config.criterion, data, num_batches, loss_fn)
+    for d in active:
+        g = d.group
+        d.scores = scores[g.index] if config.criterion in DATA_CRITERIA else weight_scores(model, g, config.criterion)
+        n_keep = _n_keep(g.channels, config)
+        if n_keep >= g.channels:
+            d.reason = f"keeps all {g.channels} channels (ratio {config.ratio}, rounding)"
+            continue
+        order = np.argsort(-d.scores, kind="stable")
+        d.keep = np.sort(order[:n_keep])
+    _set_masks(model, [d for d in active if d.keep is not None])
+    model.amct_channel_plan = ChannelPrunePlan(config, decisions, analysis)
+    return model
+
+
+def channel_pruner(example_inputs: Any, criterion: str = "l1", **options: Any) -> Callable[[nn.Module, str, float], nn.Module]:
+    """A pruner for :func:`amct_torch.analysis.sensitivity`: ``prune(model, producer, ratio)`` masks that
+    fraction of the channels of ``producer``'s dependency group (and nothing else)."""
+
+    def prune(model: nn.Module, layer: str, ratio: float) -> nn.Module:
+        return prune_channels(model, ChannelPruneConfig(ratio=ratio, criterion=criterion), example_inputs,
+                              only=[layer], inplace=True, **options)
+
+    return prune

@@ -149,7 +149,7 @@ def _set_masks(model: nn.Module, decisions: list[_GroupDecision]) -> None:
 def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, example_inputs: Any = None, *,
                    data: Iterable[Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                    num_batches: int = 4, skip: Iterable[str] = (), only: Iterable[str] | None = None,
-                   inplace: bool = False) -> nn.Module:
+                   flops_target: float | None = None, inplace: bool = False) -> nn.Module:
     """Mask the least important channels of every prunable dependency group.
 
     Args:
@@ -160,6 +160,8 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, e
         data, loss_fn, num_batches: for the data criteria (``taylor``, ``apoz``, ``mean_activation``).
         skip: producer layer names (globs) whose groups are left whole.
         only: prune only the groups of these producer layers (globs), e.g. for a per-layer sensitivity scan.
+        flops_target: instead of ``config.ratio``, find the uniform ratio (by bisection) at which the shrunk
+            model has at most this fraction of the dense model's MACs (counted on ``example_inputs``).
         inplace: modify ``model`` itself.
 
     Returns the masked model; ``model.amct_channel_plan`` (:class:`ChannelPrunePlan`) says what happened
@@ -199,15 +201,60 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, e
     for d in active:
         g = d.group
         d.scores = scores[g.index] if config.criterion in DATA_CRITERIA else weight_scores(model, g, config.criterion)
-        n_keep = _n_keep(g.channels, config)
-        if n_keep >= g.channels:
-            d.reason = f"keeps all {g.channels} channels (ratio {config.ratio}, rounding)"
-            continue
-        order = np.argsort(-d.scores, kind="stable")
-        d.keep = np.sort(order[:n_keep])
+    if flops_target is not None:
+        config = _ratio_for_flops(model, active, config, example_inputs, flops_target)
+    _decide(active, config)
     _set_masks(model, [d for d in active if d.keep is not None])
     model.amct_channel_plan = ChannelPrunePlan(config, decisions, analysis)
     return model
+
+
+def _decide(active: list[_GroupDecision], config: ChannelPruneConfig) -> None:
+    for d in active:
+        g = d.group
+        d.keep, d.reason = None, ""
+        n_keep = _n_keep(g.channels, config)
+        if n_keep >= g.channels:
+            d.reason = f"keeps all {g.channels} channels (ratio {config.ratio:g}, rounding)"
+            continue
+        order = np.argsort(-d.scores, kind="stable")
+        d.keep = np.sort(order[:n_keep])
+
+
+def _ratio_for_flops(model: nn.Module, active: list[_GroupDecision], config: ChannelPruneConfig, example_inputs: Any,
+                     target: float, iterations: int = 12) -> ChannelPruneConfig:
+    """The smallest uniform ratio whose shrunk model has at most ``target`` of the dense MACs."""
+    from dataclasses import replace
+
+    from ..analysis.flops import count_flops
+    from ..graph.shrink import shrink
+
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"flops_target: got {target!r}; allowed: a fraction of the dense MACs in (0, 1)")
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        dense = count_flops(probe, example_inputs).total_macs
+
+    def macs(ratio: float) -> float:
+        trial = replace(config, ratio=ratio)
+        _decide(active, trial)
+        m = copy.deepcopy(probe)
+        _set_masks(m, [d for d in active if d.keep is not None])
+        small, _ = shrink(m, example_inputs, inplace=True)
+        with torch.no_grad():
+            return count_flops(small, example_inputs).total_macs / dense
+
+    lo, hi = 0.0, 0.95
+    if macs(hi) > target:
+        raise ValueError(f"flops_target {target:g}: even pruning 95% of every prunable group leaves "
+                         f"{macs(hi):.2f} of the MACs (the rest is in layers that cannot be pruned)")
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if macs(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return replace(config, ratio=round(hi, 4))
 
 
 def channel_pruner(example_inputs: Any, criterion: str = "l1", **options: Any) -> Callable[[nn.Module, str, float], nn.Module]:

@@ -237,3 +237,15 @@ def test_channel_sensitivity_scan_prunes_one_group_at_a_time():
         assert values[layer][1] < values[layer][0] < 0
     # the stem's group (coupled across the residual add) matters more than the inner conv a
     assert values["stem"][0] < values["a"][0]
+
+
+def test_flops_target_finds_the_ratio():
+    from amct_torch.analysis import count_flops
+
+    model = randomized(Residual())
+    x = torch.randn(1, 3, 8, 8)
+    masked = prune_channels(model, ChannelPruneConfig(criterion="l2"), x, flops_target=0.5)
+    small, _ = shrink(masked, x)
+    dense, pruned = count_flops(model, x).total_macs, count_flops(small, x).total_macs
+    assert 0.35 < pruned / dense <= 0.5
+    assert 0 < masked.amct_channel_plan.config.ratio < 0.95

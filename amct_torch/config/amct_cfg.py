@@ -35,7 +35,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from . import amct_proto as pb
 from .amct_json import AmctGlobal
@@ -47,18 +47,43 @@ __all__ = ["CalibrationCfg", "read_calibration_cfg", "resolve_layer_configs", "w
 
 
 @dataclass
-class CalibrationCfg:
-    """A parsed ``.cfg``: the ``AMCTConfig`` message and where it came from (for error messages)."""
+class ProtoCfg:
+    """A parsed AMCT ``.cfg`` (protobuf text): the message and where it came from (for error messages).
+
+    Subclasses set ``MESSAGE`` (the message class); :meth:`read` takes a path or the text itself.
+    """
 
     message: Any
     source: str = "<cfg>"
+    MESSAGE: ClassVar[Any] = None
 
     @classmethod
-    def from_text(cls, text: str, source: str = "<cfg>") -> "CalibrationCfg":
-        return cls(pb.parse_text(text, pb.AMCTConfig, source), source)
+    def from_text(cls, text: str, source: str = "<cfg>"):
+        return cls(pb.parse_text(text, cls.MESSAGE, source), source)
+
+    @classmethod
+    def read(cls, path_or_text: str | os.PathLike[str], who: str):
+        """Parse a ``.cfg`` file (a path) or its text. Errors name the file, line, column and the field."""
+        if isinstance(path_or_text, os.PathLike):
+            source = os.fspath(path_or_text)
+            return cls.from_text(Path(source).read_text(encoding="utf-8"), source)
+        if not isinstance(path_or_text, str):
+            raise ConfigError(who, path_or_text, "a path or the text of a .cfg")
+        one_line = "\n" not in path_or_text
+        looks_like_text = not one_line or "{" in path_or_text or ":" in path_or_text.split("/")[-1]
+        if one_line and (os.path.isfile(path_or_text) or (not looks_like_text and path_or_text.endswith(".cfg"))):
+            return cls.from_text(Path(path_or_text).read_text(encoding="utf-8"), path_or_text)
+        return cls.from_text(path_or_text, "<cfg text>")
 
     def to_text(self) -> str:
         return pb.to_text(self.message)
+
+
+@dataclass
+class CalibrationCfg(ProtoCfg):
+    """A parsed PTQ ``.cfg``: the ``AMCTConfig`` message and where it came from."""
+
+    MESSAGE: ClassVar[Any] = pb.AMCTConfig
 
     def settings(self) -> AmctGlobal:
         """The global keys as :class:`AmctGlobal`."""
@@ -71,16 +96,7 @@ class CalibrationCfg:
 
 def read_calibration_cfg(path_or_text: str | os.PathLike[str]) -> CalibrationCfg:
     """Parse a ``.cfg`` file (a path) or its text. Errors name the file, line, column and the field."""
-    if isinstance(path_or_text, os.PathLike):
-        source = os.fspath(path_or_text)
-        return CalibrationCfg.from_text(Path(source).read_text(encoding="utf-8"), source)
-    if not isinstance(path_or_text, str):
-        raise ConfigError("read_calibration_cfg", path_or_text, "a path or the text of a .cfg")
-    one_line = "\n" not in path_or_text
-    looks_like_text = not one_line or "{" in path_or_text or ":" in path_or_text.split("/")[-1]
-    if one_line and (os.path.isfile(path_or_text) or (not looks_like_text and path_or_text.endswith(".cfg"))):
-        return CalibrationCfg.from_text(Path(path_or_text).read_text(encoding="utf-8"), path_or_text)
-    return CalibrationCfg.from_text(path_or_text, "<cfg text>")
+    return CalibrationCfg.read(path_or_text, "read_calibration_cfg")
 
 
 def write_calibration_cfg(cfg: CalibrationCfg | Any, path: str | os.PathLike[str]) -> None:

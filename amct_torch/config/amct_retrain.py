@@ -59,10 +59,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from . import amct_proto as pb
-from .amct_cfg import _Fields, _f32
+from .amct_cfg import ProtoCfg, _Fields, _f32
 from .amct_json import _check_keys, _get, _no_duplicates
 from .base import Config, ConfigError, check_range
 from .granularity import PerChannel, PerTensor
@@ -274,18 +274,10 @@ def _read_weights(wts: Any, where: str) -> dict[str, Any]:
 
 # -- .cfg -----------------------------------------------------------------------------------------------
 @dataclass
-class RetrainCfg:
+class RetrainCfg(ProtoCfg):
     """A parsed retrain ``.cfg``: the ``AMCTRetrainConfig`` message and where it came from."""
 
-    message: Any
-    source: str = "<cfg>"
-
-    @classmethod
-    def from_text(cls, text: str, source: str = "<cfg>") -> "RetrainCfg":
-        return cls(pb.parse_text(text, pb.AMCTRetrainConfig, source), source)
-
-    def to_text(self) -> str:
-        return pb.to_text(self.message)
+    MESSAGE: ClassVar[Any] = pb.AMCTRetrainConfig
 
     def settings(self) -> RetrainSettings:
         if self.message.batch_num <= 0:
@@ -295,16 +287,7 @@ class RetrainCfg:
 
 def read_retrain_cfg(path_or_text: str | os.PathLike[str]) -> RetrainCfg:
     """Parse a retrain ``.cfg`` (a path, or its text). Errors name the file, line, column and the field."""
-    if isinstance(path_or_text, os.PathLike):
-        source = os.fspath(path_or_text)
-        return RetrainCfg.from_text(Path(source).read_text(encoding="utf-8"), source)
-    if not isinstance(path_or_text, str):
-        raise ConfigError("read_retrain_cfg", path_or_text, "a path or the text of a .cfg")
-    one_line = "\n" not in path_or_text
-    looks_like_text = not one_line or "{" in path_or_text or ":" in path_or_text.split("/")[-1]
-    if one_line and (os.path.isfile(path_or_text) or (not looks_like_text and path_or_text.endswith(".cfg"))):
-        return RetrainCfg.from_text(Path(path_or_text).read_text(encoding="utf-8"), path_or_text)
-    return RetrainCfg.from_text(path_or_text, "<cfg text>")
+    return RetrainCfg.read(path_or_text, "read_retrain_cfg")
 
 
 def _apply(fields: _Fields, data: Any, wts: Any, where: str) -> None:

@@ -15,7 +15,8 @@ Quantization-aware training::
 
 AMCT scripts keep working with ``import amct_torch as amct`` (create_quant_config, quantize_model,
 save_model; create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model,
-save_quant_retrain_model). The structural passes::
+save_quant_retrain_model; create/restore/save_prune_retrain_model, auto_channel_prune_search;
+create/restore/save_compressed_retrain_model). The structural passes::
 
     from amct_torch import capture, fold_batch_norm, swap_layers, QuantConfig, Targeting
 
@@ -25,22 +26,30 @@ save_quant_retrain_model). The structural passes::
     print(plan)
 """
 
-from .config import (ChannelPruneConfig, Config, ConfigError, Granularity, PerChannel, PerGroup, PerTensor, PerToken,
-                     QatConfig, QuantConfig, Targeting)
+from .config import (ChannelPruneConfig, ChannelSearchConfig, Config, ConfigError, Granularity, PerChannel, PerGroup,
+                     PerTensor, PerToken, QatConfig, QuantConfig, Targeting)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
-from .sparsity import prune_channels, shrink
+from .sparsity import prune_channels, search_channel_pruning, shrink
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
-from .compat import (create_quant_config, create_quant_retrain_config, create_quant_retrain_model, quantize_model,
-                     restore_quant_retrain_model, save_model, save_quant_retrain_model)
+from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLossSensitivity, auto_channel_prune_search,
+                     create_compressed_retrain_model, create_prune_retrain_model, create_quant_config,
+                     create_quant_retrain_config, create_quant_retrain_model, quantize_model,
+                     restore_compressed_retrain_model, restore_prune_retrain_model, restore_quant_retrain_model,
+                     save_compressed_retrain_model, save_model, save_prune_retrain_model, save_quant_retrain_model)
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "ChannelPruneConfig",
+           "ChannelSearchConfig",
            "QatConfig", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",
-           "freeze_bn_stats", "freeze_quantizers", "prune_channels", "shrink", "export", "create_quant_config",
+           "freeze_bn_stats", "freeze_quantizers", "prune_channels", "search_channel_pruning", "shrink", "export",
+           "create_quant_config",
            "quantize_model", "save_model", "create_quant_retrain_config", "create_quant_retrain_model",
-           "restore_quant_retrain_model", "save_quant_retrain_model", "__version__"]
+           "restore_quant_retrain_model", "save_quant_retrain_model", "create_prune_retrain_model",
+           "restore_prune_retrain_model", "save_prune_retrain_model", "auto_channel_prune_search", "SensitivityBase",
+           "TaylorLossSensitivity", "SearchChannelBase", "GreedySearch", "create_compressed_retrain_model",
+           "restore_compressed_retrain_model", "save_compressed_retrain_model", "__version__"]

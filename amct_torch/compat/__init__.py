@@ -1,8 +1,16 @@
 """AMCT's classic API (file-driven), built on the Pythonic API. Re-exported by ``amct_torch``."""
 
+from .prune import (GreedySearch, PruneReport, SearchChannelBase, SensitivityBase, TaylorLossSensitivity,
+                    auto_channel_prune_search, create_compressed_retrain_model, create_prune_retrain_model,
+                    restore_compressed_retrain_model, restore_prune_retrain_model, save_compressed_retrain_model,
+                    save_prune_retrain_model)
 from .ptq import create_quant_config, quantize_model, save_model
 from .qat import (create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model,
                   save_quant_retrain_model)
 
 __all__ = ["create_quant_config", "quantize_model", "save_model", "create_quant_retrain_config",
-           "create_quant_retrain_model", "restore_quant_retrain_model", "save_quant_retrain_model"]
+           "create_quant_retrain_model", "restore_quant_retrain_model", "save_quant_retrain_model",
+           "create_prune_retrain_model", "restore_prune_retrain_model", "save_prune_retrain_model",
+           "auto_channel_prune_search", "SensitivityBase", "TaylorLossSensitivity", "SearchChannelBase", "GreedySearch",
+           "PruneReport", "create_compressed_retrain_model", "restore_compressed_retrain_model",
+           "save_compressed_retrain_model"]

@@ -2,14 +2,14 @@
 
 from .base import Config, ConfigError
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
-from .prune import ChannelPruneConfig
+from .prune import ChannelPruneConfig, ChannelSearchConfig
 from .qat import QAT_BIT_WIDTHS, QatConfig
 from .quant import QuantConfig
 from .sparsity import MagnitudeConfig, NMConfig
 from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
-           "parse_granularity", "ChannelPruneConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
+           "parse_granularity", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
            "Targeting"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.

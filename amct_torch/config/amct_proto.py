@@ -3,7 +3,8 @@
 The schemas of AMCT's ``calibration_config_pytorch.proto`` (the simplified ``.cfg`` of PTQ),
 ``retrain_config_pytorch.proto`` (the simplified ``.cfg`` of QAT, pruning and combined compression),
 ``scale_offset_record_pytorch.proto`` (the record file of quantization factors) and the ``AttrProto``
-of ``basic_info.proto`` (package ``AMCTProto``, used by prune records) are written out here as
+(used by prune records) and ``AutoChannelPruneConfig`` (the auto channel-prune search's config) of
+``basic_info.proto`` (package ``AMCTProto``) are written out here as
 ``FileDescriptorProto`` objects and loaded into a *private* descriptor pool, so nothing in the
 process-wide default pool is touched and no generated ``_pb2`` module is needed. Field names, numbers,
 labels and defaults follow AMCT (proto2); see ``docs`` notes in amct.md sections 2.2, 2.3 and 3. In
@@ -45,7 +46,7 @@ __all__ = [
     "FilterPruner", "BalancedL2NormFilterPruner", "NOutOfMPruner", "L1SelectivePruner", "DataType", "NOutOfMType",
     # scale_offset_record_pytorch.proto and basic_info.proto
     "SingleLayerRecord", "SingleLayerKVCacheRecord", "MapFiledEntry", "ScaleOffsetRecord", "PruneRecord",
-    "PruneNode", "AttrProto", "AttributeType",
+    "PruneNode", "AttrProto", "AttributeType", "AutoChannelPruneConfig",
 ]
 
 M = TypeVar("M", bound=message.Message)
@@ -123,6 +124,14 @@ _BASIC_INFO = _file(
             ("repeated", "string", "strings", 8),
         ], {"enums": [("AttrType", [("UNDEFINED", 0), ("FLOAT", 1), ("INT", 2), ("STRING", 3),
                                      ("FLOATS", 6), ("INTS", 7), ("STRINGS", 8)])]}),
+        # auto_channel_prune_search's config (amct.md 2.6); the field numbers are our choice.
+        ("AutoChannelPruneConfig", [
+            ("required", "float", "compress_ratio", 1),
+            ("optional", "bool", "ascend_optimized", 2, _d("true")),
+            ("optional", "float", "max_prune_ratio", 3, _d("1.0")),
+            ("optional", "uint32", "test_iteration", 4, _d("1")),
+            ("optional", "string", "override_prune_cfg", 5),
+        ]),
     ],
     enum_types=frozenset({".AMCTProto.AttrProto.AttrType"}),
 )
@@ -365,6 +374,7 @@ ScaleOffsetRecord = _message_class("ScaleOffsetRecord")
 PruneRecord = _message_class("PruneRecord")
 PruneNode = _message_class("PruneNode")
 AttrProto = _message_class("AMCTProto.AttrProto")
+AutoChannelPruneConfig = _message_class("AMCTProto.AutoChannelPruneConfig")
 
 
 class _EnumNames:

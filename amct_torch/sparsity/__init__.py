@@ -18,3 +18,9 @@ from .schedules import SCHEDULES, Schedule, iterative_sparsities
 __all__ += ["MagnitudeScheduler", "global_magnitude_masks", "magnitude_layers", "magnitude_mask", "prune_magnitude",
             "NMMaskStage", "SemiStructuredReport", "apply_nm", "input_channel_axis", "nm_layers", "nm_mask",
             "to_semi_structured", "SCHEDULES", "Schedule", "iterative_sparsities"]
+
+from .search import (ChannelSearchPlan, ChannelSearchRecord, SearchGraphInfo, greedy_search, search_channel_pruning,
+                     search_space, taylor_sensitivity)
+
+__all__ += ["search_channel_pruning", "ChannelSearchPlan", "ChannelSearchRecord", "SearchGraphInfo", "search_space",
+            "taylor_sensitivity", "greedy_search"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class _GroupDecision:
     keep: np.ndarray | None = None  # class indices kept
     scores: np.ndarray | None = None
     reason: str = ""
+    ratio: float | None = None  # the ratio this group was pruned with (set by _decide)
 
 
 @dataclass
@@ -80,11 +81,14 @@ class ChannelPrunePlan:
         for d in self.decisions:
             g = d.group
             kept = f"{len(d.keep)}/{g.channels}" if d.keep is not None else f"{g.channels}/{g.channels}"
-            rows.append((g.index, ", ".join(g.producers)[:60], kept, d.reason or ("pruned" if d.keep is not None else "")))
+            note = d.reason or (f"pruned (ratio {d.ratio:g})" if d.keep is not None else "")
+            rows.append((g.index, ", ".join(g.producers)[:60], kept, note))
         return render_table(["group", "producers", "kept", "note"], rows)
 
     def __str__(self) -> str:
-        head = (f"channel pruning ({self.config.criterion}, ratio {self.config.ratio}"
+        ratios = {d.ratio for d in self.decisions if d.ratio is not None}
+        ratio = f"ratio {self.config.ratio}" if ratios <= {self.config.ratio} else "per-group ratios"
+        head = (f"channel pruning ({self.config.criterion}, {ratio}"
                 f"{', ascend_optimized' if self.config.ascend_optimized else ''}): "
                 f"{self.pruned_channels()} channels pruned in "
                 f"{sum(1 for d in self.decisions if d.keep is not None)} of {len(self.decisions)} groups")
@@ -149,7 +153,8 @@ def _set_masks(model: nn.Module, decisions: list[_GroupDecision]) -> None:
 def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, example_inputs: Any = None, *,
                    data: Iterable[Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                    num_batches: int = 4, skip: Iterable[str] = (), only: Iterable[str] | None = None,
-                   flops_target: float | None = None, inplace: bool = False) -> nn.Module:
+                   flops_target: float | None = None, overrides: Mapping[str, float | ChannelPruneConfig] | None = None,
+                   scores: Mapping[str, Any] | None = None, inplace: bool = False) -> nn.Module:
     """Mask the least important channels of every prunable dependency group.
 
     Args:
@@ -162,6 +167,13 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, e
         only: prune only the groups of these producer layers (globs), e.g. for a per-layer sensitivity scan.
         flops_target: instead of ``config.ratio``, find the uniform ratio (by bisection) at which the shrunk
             model has at most this fraction of the dense model's MACs (counted on ``example_inputs``).
+        overrides: per producer layer (exact module path), its ratio or a whole :class:`ChannelPruneConfig`
+            (same criterion) for its group (AMCT's per-layer ``override_layer_configs``). A group takes the
+            most conservative (smallest-ratio) config among its producers, an unlisted producer counting
+            as ``config``; so with ``config.ratio=0`` only the listed groups are pruned.
+        scores: per producer layer, channel scores decided elsewhere (one per channel class of its group,
+            e.g. :class:`~amct_torch.sparsity.search.ChannelSearchPlan.scores`), used instead of the
+            criterion for that group (highest kept).
         inplace: modify ``model`` itself.
 
     Returns the masked model; ``model.amct_channel_plan`` (:class:`ChannelPrunePlan`) says what happened
@@ -172,11 +184,12 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, e
     config = ChannelPruneConfig() if config is None else config
     if not isinstance(config, ChannelPruneConfig):
         raise TypeError(f"prune_channels(config=...): got {type(config).__name__}; allowed: ChannelPruneConfig")
-    if config.criterion in DATA_CRITERIA and data is None:
-        raise ValueError(f"criterion {config.criterion!r} scores channels from data: pass data= (and loss_fn= for taylor)")
+    if flops_target is not None and overrides:
+        raise ValueError("prune_channels: give flops_target (one uniform ratio) or overrides (per-group ratios), not both")
     if not inplace:
         model = copy.deepcopy(model)
     analysis = channel_groups(model, example_inputs)
+    given = _given_scores(analysis, scores)
     skip = tuple(skip)
     only = None if only is None else tuple(only)
     decisions = []
@@ -196,26 +209,85 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | None = None, e
         marker = ChannelPruneConfig(ratio=config.ratio)
         model, _ = swap_layers(model, Targeting(None, module_name={n: marker for n in involved}),
                                example_inputs, inplace=True, title="channel prune", reuse_wrapped=True)
-    if config.criterion in DATA_CRITERIA:
-        scores = data_scores(model, [d.group for d in active], config.criterion, data, num_batches, loss_fn)
+    per_group = _group_configs(decisions, active, config, overrides)
+    # groups that need the criterion: not given scores, and losing channels (or any, when flops_target searches)
+    scored = [d for d in active if d.group.index not in given and (
+        flops_target is not None or _n_keep(d.group.channels, per_group.get(d.group.index, config)) < d.group.channels)]
+    if config.criterion in DATA_CRITERIA and scored:
+        if data is None:
+            raise ValueError(f"criterion {config.criterion!r} scores channels from data: pass data= (and loss_fn= for taylor)")
+        from_data = data_scores(model, [d.group for d in scored], config.criterion, data, num_batches, loss_fn)
     for d in active:
         g = d.group
-        d.scores = scores[g.index] if config.criterion in DATA_CRITERIA else weight_scores(model, g, config.criterion)
+        if g.index in given:
+            d.scores = given[g.index]
+        elif any(d is s for s in scored):
+            d.scores = from_data[g.index] if config.criterion in DATA_CRITERIA else weight_scores(model, g, config.criterion)
     if flops_target is not None:
         config = _ratio_for_flops(model, active, config, example_inputs, flops_target)
-    _decide(active, config)
+    _decide(active, config, per_group)
     _set_masks(model, [d for d in active if d.keep is not None])
     model.amct_channel_plan = ChannelPrunePlan(config, decisions, analysis)
     return model
 
 
-def _decide(active: list[_GroupDecision], config: ChannelPruneConfig) -> None:
+def _given_scores(analysis: GroupAnalysis, scores: Mapping[str, Any] | None) -> dict[int, np.ndarray]:
+    """``scores`` (by producer) as group index -> scores, checked against the groups."""
+    out: dict[int, np.ndarray] = {}
+    for name, value in (scores or {}).items():
+        g = analysis.group_of(name)
+        if g is None:
+            raise ValueError(f"scores: {name!r} is not a producer of any dependency group; allowed: "
+                             + ", ".join(p for grp in analysis.groups for p in grp.producers))
+        value = np.asarray(value, dtype=np.float64).reshape(-1)
+        if len(value) != g.channels:
+            raise ValueError(f"scores[{name!r}]: got {len(value)} scores; allowed: one per channel of its group "
+                             f"({g.channels})")
+        out[g.index] = value
+    return out
+
+
+def _group_configs(decisions: list[_GroupDecision], active: list[_GroupDecision], config: ChannelPruneConfig,
+                   overrides: Mapping[str, float | ChannelPruneConfig] | None) -> dict[int, ChannelPruneConfig]:
+    """Per active group: the smallest-ratio config among its producers (unlisted ones count as ``config``)."""
+    from dataclasses import replace
+
+    if not overrides:
+        return {}
+    producers = {p for d in decisions for p in d.group.producers}
+    unknown = [n for n in overrides if n not in producers]
+    if unknown:
+        raise ValueError(f"overrides: {unknown[0]!r} is not a producer of any dependency group; allowed: "
+                         + ", ".join(sorted(producers)))
+    resolved: dict[str, ChannelPruneConfig] = {}
+    for name, value in overrides.items():
+        if isinstance(value, ChannelPruneConfig):
+            cfg = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            cfg = replace(config, ratio=float(value))
+        else:
+            raise TypeError(f"overrides[{name!r}]: got {type(value).__name__}; allowed: a ratio or a ChannelPruneConfig")
+        if cfg.criterion != config.criterion:
+            raise ValueError(f"overrides[{name!r}]: criterion {cfg.criterion!r}; allowed: the config's "
+                             f"({config.criterion!r}), one criterion per call")
+        resolved[name] = cfg
+    out = {}
+    for d in active:
+        candidates = [resolved.get(p, config) for p in d.group.producers]
+        out[d.group.index] = min(candidates, key=lambda c: c.ratio)
+    return out
+
+
+def _decide(active: list[_GroupDecision], config: ChannelPruneConfig,
+            per_group: Mapping[int, ChannelPruneConfig] | None = None) -> None:
     for d in active:
         g = d.group
         d.keep, d.reason = None, ""
-        n_keep = _n_keep(g.channels, config)
+        cfg = (per_group or {}).get(g.index, config)
+        d.ratio = cfg.ratio
+        n_keep = _n_keep(g.channels, cfg)
         if n_keep >= g.channels:
-            d.reason = f"keeps all {g.channels} channels (ratio {config.ratio:g}, rounding)"
+            d.reason = f"keeps all {g.channels} channels (ratio {cfg.ratio:g}, rounding)"
             continue
         order = np.argsort(-d.scores, kind="stable")
         d.keep = np.sort(order[:n_keep])
@@ -254,7 +326,8 @@ def _ratio_for_flops(model: nn.Module, active: list[_GroupDecision], config: Cha
             hi = mid
         else:
             lo = mid
-    return replace(config, ratio=round(hi, 4))
+    # round up: a smaller ratio than the one checked could keep more channels and miss the target
+    return replace(config, ratio=math.ceil(hi * 1e4) / 1e4)
 
 
 def channel_pruner(example_inputs: Any, criterion: str = "l1", **options: Any) -> Callable[[nn.Module, str, float], nn.Module]:

@@ -249,3 +249,34 @@ def test_flops_target_finds_the_ratio():
     dense, pruned = count_flops(model, x).total_macs, count_flops(small, x).total_macs
     assert 0.35 < pruned / dense <= 0.5
     assert 0 < masked.amct_channel_plan.config.ratio < 0.95
+
+
+def test_overrides_give_groups_their_own_ratio_and_a_coupled_group_the_smallest():
+    model = randomized(Residual())
+    x = torch.randn(2, 3, 8, 8)
+    masked = prune_channels(model, ChannelPruneConfig(ratio=0.0), x, overrides={"a": 0.5, "stem": 0.75})
+    kept = {d.group.producers[0]: d for d in masked.amct_channel_plan.decisions}
+    assert len(kept["a"].keep) == 8 and kept["a"].ratio == 0.5
+    # stem is coupled with b by the residual add; b is not listed, so it counts with config.ratio 0
+    assert kept["stem"].keep is None and kept["stem"].reason.startswith("keeps all 8 channels (ratio 0")
+    both = prune_channels(model, ChannelPruneConfig(ratio=0.0), x, overrides={"stem": 0.75, "b": 0.5})
+    stem = next(d for d in both.amct_channel_plan.decisions if "stem" in d.group.producers)
+    assert len(stem.keep) == 4 and stem.ratio == 0.5
+    assert "per-group ratios" in str(both.amct_channel_plan)
+    with pytest.raises(ValueError, match="overrides: 'bna' is not a producer"):
+        prune_channels(model, ChannelPruneConfig(ratio=0.0), x, overrides={"bna": 0.5})
+    with pytest.raises(ValueError, match="flops_target .* or overrides"):
+        prune_channels(model, ChannelPruneConfig(), x, overrides={"a": 0.5}, flops_target=0.5)
+
+
+def test_given_scores_decide_which_channels_stay():
+    model = randomized(Residual())
+    x = torch.randn(2, 3, 8, 8)
+    scores = np.zeros(16)
+    scores[[1, 3, 5, 7, 9, 11, 13, 15]] = 1.0
+    masked = prune_channels(model, ChannelPruneConfig(ratio=0.0, criterion="taylor"), x, overrides={"a": 0.5},
+                            scores={"a": scores})   # no data needed: the only pruned group has its scores
+    a = next(d for d in masked.amct_channel_plan.decisions if d.group.producers == ["a"])
+    assert a.keep.tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
+    with pytest.raises(ValueError, match=r"scores\['a'\]: got 3 scores; allowed: one per channel of its group \(16\)"):
+        prune_channels(model, ChannelPruneConfig(ratio=0.5), x, scores={"a": [1, 2, 3]})

@@ -6,8 +6,13 @@
   metrics next to the fp32 ones.
 * :class:`ONNXExport` — write the fake-quant and deploy ONNX models (or a plain fp32 one) of the last or
   best checkpoint at the end of fit.
+* :class:`MagnitudePruning` — magnitude pruning on a step or epoch schedule; :class:`NMSparsity` — N:M
+  (2:4) sparsity; :class:`ChannelPruning` — channel masks at setup or at an epoch, optionally shrunk at the
+  end of fit. All resumable; :func:`load_pruned_checkpoint` rebuilds a pruned (or shrunk) module.
 """
 
-from .callbacks import ONNXExport, PostTrainingQuantization, QuantizationAwareTraining, load_qat_checkpoint
+from .callbacks import (ChannelPruning, MagnitudePruning, NMSparsity, ONNXExport, PostTrainingQuantization,
+                        QuantizationAwareTraining, load_pruned_checkpoint, load_qat_checkpoint)
 
-__all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint"]
+__all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
+           "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint"]

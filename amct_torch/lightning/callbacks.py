@@ -3,6 +3,8 @@
 
 from .onnx_export import ONNXExport
 from .ptq import PostTrainingQuantization
+from .pruning import ChannelPruning, MagnitudePruning, NMSparsity, load_pruned_checkpoint
 from .qat import QuantizationAwareTraining, load_qat_checkpoint
 
-__all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint"]
+__all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
+           "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint"]

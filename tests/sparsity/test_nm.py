@@ -214,3 +214,15 @@ def test_to_semi_structured_on_cuda_uses_the_sparse_kernels():
         torch.testing.assert_close(converted(x), reference, rtol=1e-2, atol=1e-2)
     _, float_report = to_semi_structured(apply_nm(copy.deepcopy(net).float(), NMConfig(), x.float()))
     assert float_report.converted == [] and "float16 or bfloat16" in float_report.skipped["0"]
+
+
+def test_reading_the_sparsity_does_not_count_as_a_training_batch():
+    import amct_torch.sparsity as sp
+    from amct_torch.config import NMConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).train()
+    nm = sp.apply_nm(model, NMConfig(update_freq=2), torch.randn(1, 8)).train()
+    before = {k: v.clone() for k, v in nm.state_dict().items()}
+    sp.sparsity_of(nm)
+    after = nm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and nm.training

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import time
 
-BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq"]
+BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq", "benchmarks.qat", "benchmarks.sparsity"]
 
 
 def main() -> None:

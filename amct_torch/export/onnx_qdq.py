@@ -390,6 +390,9 @@ def _pack_int4_weights(model: onnx.ModelProto, layers: set[str]) -> None:
             o.version = 21
 
 
+_NARROW_INT_RANGE = {"int4": (-8, 7), "uint4": (0, 15)}
+
+
 def _drop_redundant_clips(model: onnx.ModelProto) -> None:
     """Bypass ``Clip(lo, hi) -> QuantizeLinear`` when the clip cannot change the quantized value.
 
@@ -418,10 +421,11 @@ def _drop_redundant_clips(model: onnx.ModelProto) -> None:
             if scale is None or zp is None or scale.size != 1:
                 safe = False
                 break
-            info = np.iinfo(zp.dtype)
+            # INT4/UINT4 zero points load as onnx's 4-bit numpy types, which np.iinfo does not know
+            zmin, zmax = _NARROW_INT_RANGE.get(zp.dtype.name) or (np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max)
             q_lo = np.rint(np.float32(lo) / np.float32(scale)) + int(zp)
             q_hi = np.rint(np.float32(hi) / np.float32(scale)) + int(zp)
-            safe &= bool(q_lo <= info.min and q_hi >= info.max)
+            safe &= bool(q_lo <= zmin and q_hi >= zmax)
         if safe:
             for q in users:
                 q.input[0] = clip.input[0]

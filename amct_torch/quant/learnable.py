@@ -68,14 +68,14 @@ def _per_tensor_sums(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, lower: t
         return None
     inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     lower, upper = lower.reshape(()).to(x.dtype), upper.reshape(()).to(x.dtype)
-    lo, hi = float(torch.nextafter(lower, -inf)), float(torch.nextafter(upper, inf))
+    lo, hi, up = torch.stack([torch.nextafter(lower, -inf), torch.nextafter(upper, inf), upper]).tolist()
     select = torch.ops.aten.hardtanh_backward
     gx = select(g, x, lo, hi)
     xs = x / s
-    r = select(torch.round(xs) - xs, x, lo, hi)
+    r = select(xs.round().sub_(xs), x, lo, hi)
     g_r = torch.sum(gx * r)
-    g_above = torch.ops.aten.threshold_backward(g, x, float(upper)).sum()
-    g_below = torch.ops.aten.threshold_backward(g, x.neg(), -float(lower)).sum()
+    g_above = torch.ops.aten.threshold_backward(g, x, up).sum()
+    g_below = g.sum() - gx.sum() - g_above          # inside, above and below partition every x (NaN: inside)
     return gx, g_r, g_above, g_below
 
 
@@ -100,7 +100,7 @@ class _Ulq(torch.autograd.Function):
         qmin, qmax = qrange(bits)
         s, o = ulq_factors(clip_max, clip_min, bits, symmetric)
         s, o = s.to(x.dtype), o.to(x.dtype)
-        y = (torch.clamp(torch.round(x / s) + o, qmin, qmax) - o) * s
+        y = (x / s).round_().add_(o).clamp_(qmin, qmax).sub_(o).mul_(s)  # in place: one new tensor
         ctx.save_for_backward(x, s, o)
         ctx.bits, ctx.symmetric, ctx.has_min = bits, symmetric, clip_min is not None
         ctx.shapes = (clip_max.shape, None if clip_min is None else clip_min.shape)
@@ -163,7 +163,7 @@ class _Lsq(torch.autograd.Function):
         qmin, qmax = qrange(bits)
         s, o = lsq_factors(scale, beta, bits)
         s, o = s.to(x.dtype), o.to(x.dtype)
-        y = (torch.clamp(torch.round(x / s) + o, qmin, qmax) - o) * s
+        y = (x / s).round_().add_(o).clamp_(qmin, qmax).sub_(o).mul_(s)  # in place: one new tensor
         ctx.save_for_backward(x, s, o)
         ctx.bits, ctx.grad_scale = bits, grad_scale
         ctx.shapes = (scale.shape, None if beta is None else beta.shape)
@@ -174,11 +174,17 @@ class _Lsq(torch.autograd.Function):
         x, s, o = ctx.saved_tensors
         qmin, qmax = qrange(ctx.bits)
         lower, upper = (qmin - o) * s, (qmax - o) * s
+        gs = ctx.grad_scale
+        fast = _per_tensor_sums(g, x, s, lower, upper)
+        if fast is not None:
+            gx, g_r, g_above, g_below = fast
+            gscale = _clean(((g_r + g_below * qmin + g_above * qmax) * gs).reshape(ctx.shapes[0]))
+            gbeta = None if ctx.shapes[1] is None else _clean(((g_below + g_above) * gs).reshape(ctx.shapes[1]))
+            return gx, gscale, gbeta, None, None
         below, above = x < lower, x > upper
         inside = ~(below | above)
         xs = x / s
         r = torch.where(inside, torch.round(xs) - xs, torch.zeros_like(x))
-        gs = ctx.grad_scale
         gscale = _clean((g * (r + below.to(g.dtype) * qmin + above.to(g.dtype) * qmax)).sum_to_size(ctx.shapes[0]) * gs)
         gbeta = None
         if ctx.shapes[1] is not None:

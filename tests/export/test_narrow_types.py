@@ -89,3 +89,14 @@ def test_a16w8_qat_exports_int16_activations(x, tmp_path):
     assert not report.converted and {u.name for u in report.kept_float} == {"c1", "c2", "fc"}
     assert all("INT16" in u.reason for u in report.kept_float)
     onnx.checker.check_model(res.fake_quant_model)
+
+
+def test_a4w4_export_with_relu6_before_an_int4_quantizer(x, tmp_path):
+    # the redundant-Clip pass reads INT4 zero points (onnx's 4-bit numpy type, unknown to np.iinfo)
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 3, padding=1))
+    q = amct_torch.quantize(net, QuantConfig(weight_bits=4, activation_bits=4, activation_calibrator="minmax"), x)
+    amct_torch.calibrate(q, [x], progress=False)
+    res = amct_torch.export(q, tmp_path / "relu6", x)
+    with torch.no_grad():
+        expected = q(x).numpy()
+    assert np.abs(run_ort(res.fake_quant, x) - expected).max() < 0.05

@@ -100,3 +100,39 @@ def test_adversarial_updates_never_make_a_scale_negative_zero_or_nan(kind):
     with torch.no_grad():
         p.fill_(float("nan"))  # even a parameter that became NaN quantizes with a finite, positive scale
     assert torch.isfinite(fq(torch.tensor([0.5, -0.5]))).all()
+
+
+@pytest.mark.parametrize("kind", ["ulq_asym", "ulq_fixed_min", "ulq_sym", "lsq_asym", "lsq_sym"])
+def test_per_tensor_fast_backward_equals_the_masked_formulas(kind, monkeypatch):
+    from amct_torch.quant import learnable
+
+    bits = 4 if kind.endswith("asym") else 8
+    if kind.startswith("ulq"):
+        params = [torch.tensor(3.0), torch.tensor(-1.5) if kind == "ulq_asym" else None]
+        fq = lambda t, a, b: ulq_fake_quant(t, a, b, bits, symmetric=kind == "ulq_sym")  # noqa: E731
+        s, o = ulq_factors(params[0], params[1], bits, kind == "ulq_sym")
+    else:
+        params = [torch.tensor(0.05), torch.tensor(-0.3) if kind == "lsq_asym" else None]
+        fq = lambda t, a, b: lsq_fake_quant(t, a, b, bits)  # noqa: E731
+        s, o = params[0], torch.round(-params[1] / params[0]) if params[1] is not None else torch.tensor(0.0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    lo, hi, inf = (qmin - o) * s, (qmax - o) * s, torch.tensor(float("inf"))
+    edges = [lo, hi, torch.nextafter(lo, -inf), torch.nextafter(hi, inf), torch.nextafter(lo, inf),
+             torch.nextafter(hi, -inf), inf, -inf]
+    torch.manual_seed(0)
+    x = torch.cat([torch.stack(edges).reshape(-1), torch.randn(500) * 2])
+    g = torch.rand_like(x) + 0.5
+
+    def grads():
+        t = x.clone().requires_grad_(True)
+        ps = [p.clone().requires_grad_(True) if p is not None else None for p in params]
+        y = fq(t, *ps)
+        y.backward(g)
+        return [y.detach(), t.grad] + [p.grad for p in ps if p is not None]
+
+    fast = grads()
+    monkeypatch.setattr(learnable, "_per_tensor_sums", lambda *a: None)  # the generic masked backward
+    slow = grads()
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    for a, b in zip(fast[2:], slow[2:]):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-4)

@@ -13,6 +13,8 @@ averaged (``all_reduce``) so every rank starts from identical factors.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -39,7 +41,7 @@ def average_across_ranks(*values: float) -> list[float]:
     return (t / dist.get_world_size()).cpu().tolist()
 
 
-class LearnedActivationQuantizer(ActivationQuantizer):
+class LearnedActivationQuantizer(ActivationQuantizer, metaclass=ABCMeta):
     """Base of the learned activation quantizers: initialisation, ties, and the factor buffers."""
 
     algorithm = "?"
@@ -49,14 +51,17 @@ class LearnedActivationQuantizer(ActivationQuantizer):
         self.register_buffer("frozen", torch.tensor(False))
 
     # subclasses: the learned fake quantization, the factors it uses, and setting the range
+    @abstractmethod
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Fake-quantize ``x`` with the learned parameters (differentiable in them)."""
 
+    @abstractmethod
     def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``(scale, offset)`` the forward uses now."""
 
+    @abstractmethod
     def set_range(self, lo: float, hi: float) -> None:
-        raise NotImplementedError
+        """Initialise the learned parameters from a clip range and mark the quantizer ready."""
 
     def learned_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters(recurse=False)]

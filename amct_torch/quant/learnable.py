@@ -115,7 +115,8 @@ class _Ulq(torch.autograd.Function):
         if fast is not None:
             gx, g_r, g_above, g_below = fast
             if ctx.symmetric:
-                return gx, _clean((g_r / qmax + g_above + g_below * (qmin / qmax)).reshape(ctx.shapes[0])), None, None, None
+                gmax = g_r / qmax + g_above + g_below * (qmin / qmax)
+                return gx, _clean(gmax.reshape(ctx.shapes[0])), None, None, None
             levels = 2 ** ctx.bits - 1
             gmin = _clean((g_below - g_r / levels).reshape(ctx.shapes[1])) if ctx.has_min else None
             return gx, _clean((g_r / levels + g_above).reshape(ctx.shapes[0])), gmin, None, None

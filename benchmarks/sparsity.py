@@ -153,7 +153,8 @@ class _Digits:
 
 
 def finetune(model: nn.Module, epochs: list[list[tuple[torch.Tensor, torch.Tensor]]], *,
-             after_step: Callable[[], None] | None = None, after_backward: Callable[[], None] | None = None) -> dict[str, Any]:
+             after_step: Callable[[], None] | None = None,
+             after_backward: Callable[[], None] | None = None) -> dict[str, Any]:
     """The recipe: AdamW, cosine per step, label-smoothed cross-entropy; hooks for schedulers and penalties."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
@@ -197,7 +198,8 @@ def counts(model: nn.Module, x: torch.Tensor, dense: dict[str, Any], *, tp_count
     """Our counts (effective ones: masks applied) and Torch-Pruning's, with fractions of the dense model."""
     r = count_flops(model, x)
     out = {"params": r.total_effective_params, "macs": r.total_effective_macs,
-           "params_frac": r.total_effective_params / dense["params"], "macs_frac": r.total_effective_macs / dense["macs"]}
+           "params_frac": r.total_effective_params / dense["params"],
+           "macs_frac": r.total_effective_macs / dense["macs"]}
     if tp_counter:
         macs, params = tp_counts(model, x)
         if macs is not None and dense.get("tp_macs"):
@@ -224,7 +226,8 @@ def odd_widths(model: nn.Module, multiple: int = 8) -> int:
 # --------------------------------------------------------------------------- the pruners
 
 def ours_channel(model: nn.Module, x: torch.Tensor, criterion: str = "l1", round_to: int | None = None, *,
-                 data: Any = None, target: float | None = FLOPS_TARGET, ratio: float = 0.5) -> tuple[nn.Module, dict[str, Any]]:
+                 data: Any = None, target: float | None = FLOPS_TARGET,
+                 ratio: float = 0.5) -> tuple[nn.Module, dict[str, Any]]:
     """prune_channels (FLOPs target or fixed ratio) + shrink; returns the shrunk model and what happened."""
     cfg = ChannelPruneConfig(ratio=ratio, criterion=criterion, ascend_optimized=round_to is not None,
                              round_to=round_to or 16)
@@ -302,7 +305,8 @@ def tp_channel(model: nn.Module, x: torch.Tensor, p: int = 1, round_to: int | No
         else:
             lo = mid
     pruned = tp_prune(model, x, hi, p, round_to, num_classes)
-    info = {"config": f"MagnitudePruner GroupMagnitudeImportance(p={p})" + (f" round_to={round_to}" if round_to else ""),
+    rounding = f" round_to={round_to}" if round_to else ""
+    info = {"config": f"MagnitudePruner GroupMagnitudeImportance(p={p}){rounding}",
             "ratio": round(hi, 5), "prune_s": time.perf_counter() - start}
     return pruned, info
 
@@ -316,7 +320,8 @@ def eligible_24(model: nn.Module) -> tuple[list[str], dict[str, str]]:
             if cin % 4 == 0:
                 ok.append(name)
             else:
-                skipped[name] = f"{cin} input channel(s) per group" + (" (depthwise)" if getattr(m, "groups", 1) > 1 else "")
+                depthwise = " (depthwise)" if getattr(m, "groups", 1) > 1 else ""
+                skipped[name] = f"{cin} input channel(s) per group{depthwise}"
     return ok, skipped
 
 
@@ -340,7 +345,8 @@ def run_digits(name: str, work: Path) -> tuple[list[dict[str, Any]], list[dict[s
         failures_export = _err(e)
     else:
         failures_export = None
-    d = {**base, "family": "dense", "tool": "-", "label": "dense", **data.evaluate(dense_model), "params": dense["params"],
+    d = {**base, "family": "dense", "tool": "-", "label": "dense", **data.evaluate(dense_model),
+         "params": dense["params"],
          "macs": dense["macs"], "tp_macs": dense["tp_macs"], "tp_params": dense["tp_params"], "params_frac": 1.0,
          "macs_frac": 1.0, "tp_macs_frac": 1.0, "widths": widths(dense_model)}
     if failures_export:
@@ -383,7 +389,7 @@ def run_digits(name: str, work: Path) -> tuple[list[dict[str, Any]], list[dict[s
             row["traceback"] = traceback.format_exc(limit=-4)
             add(row, None)
             continue
-        key = LAT_OURS if (criterion, round_to) == ("l1", None) else (LAT_OURS_X16 if (criterion, round_to) == ("l1", 16) else None)
+        key = {("l1", None): LAT_OURS, ("l1", 16): LAT_OURS_X16}.get((criterion, round_to))
         add(row, small, key)
 
     for label, p in TP_NORMS.items():
@@ -541,7 +547,8 @@ def acc_table(rows: list[dict[str, Any]]) -> str:
             table.append((r["model"], r["label"], "ERROR: " + r["error"][:90]) + ("",) * 10)
             continue
         tp_frac = _f(r.get("tp_macs_frac") and r["tp_macs_frac"] * 100, ".1f")
-        table.append((r["model"], r["label"], _f(r["macs_frac"] * 100, ".1f"), tp_frac, _f(r["params_frac"] * 100, ".1f"),
+        table.append((r["model"], r["label"], _f(r["macs_frac"] * 100, ".1f"), tp_frac,
+                      _f(r["params_frac"] * 100, ".1f"),
                       _f(r.get("ratio"), ".3f"), _f(r.get("before_finetune"), ".4f"), _f(r["acc"], ".4f"),
                       _f(r.get("drop_points"), "+.2f"), _f(r.get("val_acc"), ".4f"), _f(r.get("top1_agreement"), ".4f"),
                       _f(r.get("prune_s"), ".1f"), _f(r.get("finetune_s"), ".1f")))
@@ -612,7 +619,8 @@ def goals(rows: list[dict[str, Any]], lat: list[dict[str, Any]], cov: list[dict[
         out.append({"goal": name, "status": "PASS" if ok else ("FAIL" if ok is not None else "N/A"), "detail": detail})
 
     for model in DIGITS_MODELS:
-        mine = [r for r in rows if r["model"] == model and r["tool"] == OURS and r["family"] == "channel" and "acc" in r]
+        mine = [r for r in rows
+                if r["model"] == model and r["tool"] == OURS and r["family"] == "channel" and "acc" in r]
         peers = [r for r in rows if r["model"] == model and r["tool"] == TP and "acc" in r]
         default = next((r for r in mine if r["label"] == "ours l1"), None)
         if default is None:
@@ -661,7 +669,8 @@ def goals(rows: list[dict[str, Any]], lat: list[dict[str, Any]], cov: list[dict[
     for m, tool, ok in main:
         by_model.setdefault(m, {})[tool] = bool(ok)
     for c in cov:
-        by_model.setdefault(c["model"] + f" (ratio {COVERAGE_RATIO})", {}).update({OURS: c[OURS]["pruned"], TP: c[TP]["pruned"]})
+        key = c["model"] + f" (ratio {COVERAGE_RATIO})"
+        by_model.setdefault(key, {}).update({OURS: c[OURS]["pruned"], TP: c[TP]["pruned"]})
     if by_model:
         missing = [m for m, t in by_model.items() if t.get(TP) and not t.get(OURS)]
         only_ours = [m for m, t in by_model.items() if t.get(OURS) and not t.get(TP)]
@@ -669,7 +678,8 @@ def goals(rows: list[dict[str, Any]], lat: list[dict[str, Any]], cov: list[dict[
         add("every model Torch-Pruning can prune, ours can too", not missing,
             f"{sum(1 for t in by_model.values() if t.get(OURS))}/{len(by_model)} models pruned by ours, "
             f"{sum(1 for t in by_model.values() if t.get(TP))}/{len(by_model)} by Torch-Pruning; TP only: "
-            f"{', '.join(missing) or 'none'}; ours only: {', '.join(only_ours) or 'none'}; neither: {', '.join(neither) or 'none'}")
+            f"{', '.join(missing) or 'none'}; ours only: {', '.join(only_ours) or 'none'}; "
+            f"neither: {', '.join(neither) or 'none'}")
     return out
 
 
@@ -680,6 +690,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torchvision
 
+    tp_version = importlib.metadata.version("torch-pruning")
     rows: list[dict[str, Any]] = []
     lat: list[dict[str, Any]] = []
     cov: list[dict[str, Any]] = []
@@ -711,13 +722,15 @@ def main() -> None:
     checks = goals(rows, lat, cov)
     result = {
         "benchmark": "sparsity", "quick": QUICK, "seconds": round(time.perf_counter() - start, 1),
-        "versions": {"amct_torch": amct_torch.__version__, "torch": torch.__version__, "torch_pruning": importlib.metadata.version("torch-pruning"),
+        "versions": {"amct_torch": amct_torch.__version__, "torch": torch.__version__, "torch_pruning": tp_version,
                      "onnxruntime": ort.__version__, "onnx": onnx.__version__, "torchvision": torchvision.__version__,
                      "python": platform.python_version()},
-        "machine": {"arch": platform.machine(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "system": platform.system()},
+        "machine": {"arch": platform.machine(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                    "system": platform.system()},
         "threads": {"torch": torch.get_num_threads(), "ort_intra_op": THREADS},
         "flops_target": FLOPS_TARGET,
-        "finetune": {"epochs": EPOCHS, "optimizer": "AdamW, weight_decay 0", "lr": LR, "schedule": "cosine per step to 0",
+        "finetune": {"epochs": EPOCHS, "optimizer": "AdamW, weight_decay 0", "lr": LR,
+                     "schedule": "cosine per step to 0",
                      "label_smoothing": LABEL_SMOOTHING, "batch": 64,
                      "data": "augmented training split, batches drawn once per model, the same for every method",
                      "ours": "on the shrunk model (computes what the masked one does; checked)", "seed": SEED},

@@ -46,7 +46,8 @@ _PASS_FUNCS = {"relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "hardswis
                "hardtanh", "hardtanh_", "mish", "elu", "dropout", "contiguous", "clone", "detach", "max_pool1d",
                "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-               "interpolate", "pad", "clamp", "clamp_", "abs", "neg", "exp", "float", "to", "type_as", "sqrt", "pow"}
+               "interpolate", "pad", "clamp", "clamp_", "abs", "neg", "exp", "float", "to", "type_as", "sqrt", "pow",
+               "stochastic_depth"}  # torchvision.ops: scales whole samples (identity in eval)
 _BINARY = {"add", "iadd", "add_", "sub", "isub", "sub_", "mul", "imul", "mul_", "truediv", "div", "div_", "maximum",
            "minimum"}
 _REDUCE = {"mean", "sum", "amax", "amin"}

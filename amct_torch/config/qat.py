@@ -11,7 +11,7 @@ from typing import Literal
 
 from .base import Config, ConfigError, allowed, check_range
 from .granularity import Granularity, PerChannel, PerTensor
-from .quant import Calibrator
+from .quant import Calibrator, check_calibrator_fields
 
 __all__ = ["QatConfig", "QAT_BIT_WIDTHS"]
 
@@ -76,13 +76,7 @@ class QatConfig(Config):
             check_range(name, "clip_min", self.clip_min, None, 0.0, hi_open=True)
         elif self.clip_max is not None and self.activation_offset and self.fixed_min is False:
             raise ConfigError(f"{name}.clip_min", None, "a value < 0 with clip_max (or fixed_min=True)")
-        for key in ("max_percentile", "min_percentile"):
-            check_range(name, key, getattr(self, key), 0.5, 1.0, lo_open=True)
-        start, end = self.search_range
-        if not 0 < start < end:
-            raise ConfigError(f"{name}.search_range", list(self.search_range), "[start, end] with 0 < start < end")
-        check_range(name, "search_step", self.search_step, 0.0, end - start, lo_open=True)
-        allowed(name, "num_of_bins", self.num_of_bins, (1024, 2048, 4096, 8192))
+        check_calibrator_fields(name, self)
         check_range(name, "batch_num", self.batch_num, 1)
 
     @property

@@ -15,7 +15,18 @@ from typing import Literal
 from .base import Config, ConfigError, allowed, check_range
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "check_calibrator_fields"]
+
+
+def check_calibrator_fields(name: str, cfg: "QuantConfig") -> None:
+    """Ranges of the calibrator parameters (percentiles, IFMR search, HFMG/MSE bins) any config carries."""
+    for key in ("max_percentile", "min_percentile"):
+        check_range(name, key, getattr(cfg, key), 0.5, 1.0, lo_open=True)
+    start, end = cfg.search_range
+    if not 0 < start < end:
+        raise ConfigError(f"{name}.search_range", list(cfg.search_range), "[start, end] with 0 < start < end")
+    check_range(name, "search_step", cfg.search_step, 0.0, end - start, lo_open=True)
+    allowed(name, "num_of_bins", cfg.num_of_bins, (1024, 2048, 4096, 8192))
 
 Calibrator = Literal["minmax", "percentile", "ifmr", "hfmg", "mse"]
 
@@ -73,13 +84,7 @@ class QuantConfig(Config):
                               "per_tensor or per_token")
         if isinstance(self.weight_granularity, PerGroup) and self.weight_bits not in (4, 8):
             raise ConfigError(f"{name}.weight_bits", self.weight_bits, "4 or 8 with per_group weights")
-        for key in ("max_percentile", "min_percentile"):
-            check_range(name, key, getattr(self, key), 0.5, 1.0, lo_open=True)
-        start, end = self.search_range
-        if not 0 < start < end:
-            raise ConfigError(f"{name}.search_range", list(self.search_range), "[start, end] with 0 < start < end")
-        check_range(name, "search_step", self.search_step, 0.0, end - start, lo_open=True)
-        allowed(name, "num_of_bins", self.num_of_bins, (1024, 2048, 4096, 8192))
+        check_calibrator_fields(name, self)
         check_range(name, "ada_num_iteration", self.ada_num_iteration, 1)
         check_range(name, "ada_reg_param", self.ada_reg_param, 0.0, lo_open=True)
         b_start, b_end = self.ada_beta_range

@@ -54,6 +54,12 @@ def quant_layers(model: nn.Module) -> dict[str, CompressedLayer]:
             and (isinstance(m.input_quantizer, ActivationQuantizer) or weight_quantizer(m) is not None)}
 
 
+def refuse_requantizing(name: str, layer: CompressedLayer) -> None:
+    """A layer an earlier pass already quantized is not quantized again (quantize or prepare once)."""
+    if weight_quantizer(layer) is not None or layer.input_quantizer is not None:
+        raise ConfigError(f"layer {name!r}", "already quantized", "a float or pruned/clustered layer (quantize once)")
+
+
 def _check_layer(name: str, layer: CompressedLayer, cfg: QuantConfig) -> None:
     kind = type(layer.module).__name__
     if cfg.weight_bits in (6, 7) and not isinstance(layer.module, nn.Conv2d):
@@ -74,8 +80,7 @@ def _attach(name: str, layer: CompressedLayer, cfg: Config) -> None:
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"quantize: layer {name!r} got {type(cfg).__name__}; allowed: QuantConfig")
     _check_layer(name, layer, cfg)
-    if weight_quantizer(layer) is not None or layer.input_quantizer is not None:
-        raise ConfigError(f"layer {name!r}", "already quantized", "a float or pruned/clustered layer (quantize once)")
+    refuse_requantizing(name, layer)
     layer.quant_config = cfg
     if cfg.activation_bits is not None:
         layer.input_quantizer = ActivationQuantizer(cfg.activation_bits, not cfg.activation_offset,

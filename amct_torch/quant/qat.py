@@ -27,7 +27,7 @@ from ..nn import CompressedConv, CompressedConvTranspose, CompressedLayer, Folde
 from ..nn.refs import bind_references
 from .calibrators import make_calibrator
 from .placement import _View, place_quantizers
-from .ptq import _groups, quant_layers, weight_quantizer
+from .ptq import _groups, quant_layers, refuse_requantizing, weight_quantizer
 from .qat_modules import (ArqRetrainWeightQuantizer, LearnedActivationQuantizer, LsqActivationQuantizer,
                           LsqWeightQuantizer, UlqActivationQuantizer, UlqWeightQuantizer)
 
@@ -96,8 +96,7 @@ def prepare_qat(model: nn.Module, config: QatConfig | Targeting | None = None, e
         if not isinstance(cfg, QatConfig):
             raise TypeError(f"prepare_qat: layer {name!r} got {type(cfg).__name__}; allowed: QatConfig")
         _check(name, layer, cfg)
-        if weight_quantizer(layer) is not None or layer.input_quantizer is not None:
-            raise ConfigError(f"layer {name!r}", "already quantized", "a float or pruned/clustered layer (prepare once)")
+        refuse_requantizing(name, layer)
         layer.quant_config = cfg
         if name in pending and isinstance(layer, CompressedConv):
             layer.attach_batch_norm(pending.pop(name))

@@ -6,7 +6,9 @@ PTQ folds BN into the conv once. In QAT the BN statistics still move, so the pai
 and after the convolution
 
 * while BN statistics are live (training, not frozen): the per-channel factor is divided out again and
-  BN runs on batch statistics (updating the running ones), so training sees batch-norm as usual;
+  BN runs on batch statistics (updating the running ones), so training sees batch-norm as usual. The
+  factor is divided out of the fake-quantized *weight* (``conv(x, q(w f) / f) = conv(x, q(w f)) / f``, the
+  factor being per output channel), not out of the much larger conv output;
 * once frozen (``freeze_bn_stats``), and in eval: ``y + (b - running_mean) * factor + beta``, exactly the
   folded conv that export writes.
 
@@ -46,23 +48,29 @@ class FoldedBatchNorm(nn.Module):
         """Batch statistics in use (training and not frozen)."""
         return self.training and not bool(self.frozen)
 
+    def batch_norm(self, y: torch.Tensor) -> torch.Tensor:
+        """BN on ``y``'s batch statistics, updating the running ones (the live path)."""
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:  # cumulative moving average, as BatchNorm does
+            momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
+
+    def unfold_weight(self, folded: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        """``folded / factor`` along the output-channel ``axis``: the conv with this weight computes the
+        folded conv's output divided by the factor (the factor is per output channel, so dividing the
+        small weight equals dividing the large output, and costs nothing in the backward pass)."""
+        shape = [1] * folded.dim()
+        shape[axis] = -1
+        factor = self.__dict__.pop("_factor_of_this_forward", None)  # set by BatchNormScale just before
+        return folded / (self.factor() if factor is None else factor).view(shape)
+
     def apply_after_conv(self, y: torch.Tensor, conv_bias: torch.Tensor | None) -> torch.Tensor:
-        """``y`` is the conv output with the folded weight and no bias; returns the BN output."""
+        """Frozen or eval: ``y`` is the folded conv's output without bias; adds the folded bias (exactly
+        what the exported folded conv computes). Live statistics go through :meth:`unfold_weight` and
+        :meth:`batch_norm` instead."""
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        factor = self.factor()
-        if self.live():
-            y = y / factor.view(shape)
-            if conv_bias is not None:
-                y = y + conv_bias.view(shape)
-            momentum = self.momentum
-            if momentum is None:  # cumulative moving average, as BatchNorm does
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked)
-            else:
-                self.num_batches_tracked.add_(1)
-            return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
-        b = conv_bias if conv_bias is not None else torch.zeros_like(self.running_mean)
-        return y + ((b - self.running_mean) * factor + self.bias).view(shape)
+        return y + self.folded_bias(conv_bias).view(shape)
 
     def folded_bias(self, conv_bias: torch.Tensor | None) -> torch.Tensor:
         b = conv_bias if conv_bias is not None else torch.zeros_like(self.running_mean)
@@ -86,7 +94,9 @@ class BatchNormScale(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         shape = [1] * weight.dim()
         shape[self.axis] = -1
-        return weight * self.bn.factor().view(shape)
+        factor = self.bn.factor()
+        self.bn.__dict__["_factor_of_this_forward"] = factor  # the conv divides it out again (unfold_weight)
+        return weight * factor.view(shape)
 
     def extra_repr(self) -> str:
         return f"folded {self.bn.bn_type}"

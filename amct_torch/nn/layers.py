@@ -55,6 +55,9 @@ class CompressedConv(CompressedLayer):
         bn = self.folded_bn
         if bn is None:
             return self.module._conv_forward(x, weight, self.effective_bias())
+        if bn.live():
+            unfolded = bn.unfold_weight(weight, self.weight_channel_axis)
+            return bn.batch_norm(self.module._conv_forward(x, unfolded, self.effective_bias()))
         return bn.apply_after_conv(self.module._conv_forward(x, weight, None), self.effective_bias())
 
 

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .formulas import qrange
 
-__all__ = ["ulq_fake_quant", "ulq_factors", "lsq_fake_quant", "lsq_factors", "MIN_SCALE"]
+__all__ = ["ulq_fake_quant", "ulq_fake_quant_with_factors", "ulq_factors", "lsq_fake_quant",
+           "lsq_fake_quant_with_factors", "lsq_factors", "MIN_SCALE"]
 
 MIN_SCALE = 1e-8
 _BIG = 3.0e38
@@ -53,30 +55,97 @@ def _clean(g: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _per_tensor_sums(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, lower: torch.Tensor,
-                     upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+# -- factors as Python scalars -----------------------------------------------------------------
+# A training step runs every activation quantizer once; computing its two factors with tensor ops costs
+# about ten tiny kernel launches each time (more than the fake quantization of a small activation). For
+# one-element parameters on the CPU the same float32 arithmetic is done on NumPy scalars instead (IEEE
+# float32 like the tensor ops, round half to even like ``torch.round``); a test checks both paths agree.
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _scalar_path(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return x.dtype in _NP and all(p is None or (p.numel() == 1 and p.device.type == "cpu") for p in params)
+
+
+def _np_finite(t: torch.Tensor, nan: float) -> np.float32:
+    v = t.item()
+    return np.float32(nan if math.isnan(v) else max(-_BIG, min(_BIG, v)))
+
+
+def _ulq_scalars(clip_max: torch.Tensor, clip_min: torch.Tensor | None, bits: int,
+                 symmetric: bool) -> tuple[np.float32, np.float32]:
+    """:func:`ulq_factors` on one-element CPU parameters, as float32 scalars."""
+    qmin, qmax = qrange(bits)
+    f = np.float32
+    with np.errstate(all="ignore"):
+        cmax = max(_np_finite(clip_max, 1.0), f(0.0))
+        if symmetric:
+            return max(cmax / f(qmax), f(MIN_SCALE)), f(0.0)
+        cmin = f(0.0) if clip_min is None else min(_np_finite(clip_min, 0.0), f(0.0))
+        s = max((cmax - cmin) / f(2 ** bits - 1), f(MIN_SCALE))
+        o = np.clip(np.round(f(qmin) - cmin / s), f(qmin), f(qmax))
+    return s, o
+
+
+def _lsq_scalars(scale: torch.Tensor, beta: torch.Tensor | None, bits: int) -> tuple[np.float32, np.float32]:
+    """:func:`lsq_factors` on one-element CPU parameters, as float32 scalars."""
+    qmin, qmax = qrange(bits)
+    f = np.float32
+    with np.errstate(all="ignore"):
+        s = max(_np_finite(scale, 1.0), f(MIN_SCALE))
+        if beta is None:
+            return s, f(0.0)
+        return s, np.clip(np.round(-_np_finite(beta, 0.0) / s), f(qmin), f(qmax))
+
+
+def _fake_quant(x: torch.Tensor, s: torch.Tensor | float, o: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """``(clip(round(x/s) + o, qmin, qmax) - o) * s`` in four passes over ``x``.
+
+    Written as ``clip(round(x/s), qmin - o, qmax - o) * s``: ``o`` is integer-valued, so adding and
+    subtracting it around the clip is exact and can be folded into the clip bounds.
+    """
+    return torch.div(x, s).round_().clamp_(qmin - o, qmax - o).mul_(s)
+
+
+def _per_tensor_sums(g: torch.Tensor, x: torch.Tensor, s: float, lower: float, upper: float,
+                     need_below: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """One scale for the whole tensor: ``(g inside, sum g*r inside, sum g above, sum g below)``, or None.
 
     The same quantities as the masked formulas in the backward passes below, computed with the fused
     select kernels of ReLU6/ReLU (``hardtanh_backward``: ``g`` where ``lo < x < hi``; ``threshold_backward``:
     ``g`` where ``x > t``) instead of boolean masks and ``torch.where``, which on the CPU cost 3-20 times an
-    arithmetic pass: this backward is a few passes over ``x`` instead of about twenty. ``lo``/``hi`` are the
+    arithmetic pass, and with ``sum g*r`` as one dot product of the selected gradient with the selected
+    residual: about eight passes over ``x`` instead of about twenty. ``lo``/``hi`` are the
     neighbouring floats just outside ``[lower, upper]``, so the strict kernels select the closed range.
-    Other dtypes and per-channel scales return None (the generic path).
+    ``sum g below`` is only computed when ``need_below`` (ULQ with ``fixed_min`` does not use it).
+    Other dtypes and non-contiguous tensors return None (the generic path).
     """
-    if s.numel() != 1 or x.dtype not in (torch.float32, torch.float64):
+    if x.dtype not in _NP or not (g.is_contiguous() and x.is_contiguous()):
         return None
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    lower, upper = lower.reshape(()).to(x.dtype), upper.reshape(()).to(x.dtype)
-    lo, hi, up = torch.stack([torch.nextafter(lower, -inf), torch.nextafter(upper, inf), upper]).tolist()
+    ft = _NP[x.dtype]
+    lo = float(np.nextafter(ft(lower), ft(-np.inf)))
+    hi = float(np.nextafter(ft(upper), ft(np.inf)))
     select = torch.ops.aten.hardtanh_backward
     gx = select(g, x, lo, hi)
-    xs = x / s
-    r = select(xs.round().sub_(xs), x, lo, hi)
-    g_r = torch.sum(gx * r)
-    g_above = torch.ops.aten.threshold_backward(g, x, up).sum()
-    g_below = g.sum() - gx.sum() - g_above          # inside, above and below partition every x (NaN: inside)
+    xs = torch.div(x, s)
+    r = select(xs.round().sub_(xs), x, lo, hi)   # masked too: at x = +-inf, r is NaN and 0 * NaN = NaN
+    g_r = torch.dot(gx.reshape(-1), r.reshape(-1))
+    g_above = torch.ops.aten.threshold_backward(g, x, float(upper)).sum()
+    g_below = g.sum() - gx.sum() - g_above if need_below else None  # inside, above, below partition every x
     return gx, g_r, g_above, g_below
+
+
+def _bounds(s: torch.Tensor | float, o: torch.Tensor | float, qmin: int, qmax: int,
+            dtype: torch.dtype) -> tuple[float, float] | None:
+    """``(lower, upper) = ((qmin - o) s, (qmax - o) s)`` as Python floats in ``dtype``'s arithmetic, or None
+    for per-channel factors."""
+    if isinstance(s, torch.Tensor):
+        if s.numel() != 1 or dtype not in _NP:
+            return None
+        s, o = s.item(), o.item()
+    ft = _NP.get(dtype, np.float32)
+    with np.errstate(all="ignore"):
+        return float(ft(qmin - o) * ft(s)), float(ft(qmax - o) * ft(s))
 
 
 # -- ULQ ---------------------------------------------------------------------------------------
@@ -94,32 +163,48 @@ def ulq_factors(clip_max: torch.Tensor, clip_min: torch.Tensor | None, bits: int
     return s, o
 
 
+def _ulq_forward_factors(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tensor | None, bits: int,
+                         symmetric: bool) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    if _scalar_path(x, clip_max, clip_min):
+        s, o = _ulq_scalars(clip_max, clip_min, bits, symmetric)
+        return float(s), float(o)
+    s, o = ulq_factors(clip_max, clip_min, bits, symmetric)
+    return s.to(x.dtype), o.to(x.dtype)
+
+
 class _Ulq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, clip_max, clip_min, bits: int, symmetric: bool):  # type: ignore[override]
+    def forward(ctx, x, clip_max, clip_min, bits: int, symmetric: bool, factors=None):  # type: ignore[override]
         qmin, qmax = qrange(bits)
-        s, o = ulq_factors(clip_max, clip_min, bits, symmetric)
-        s, o = s.to(x.dtype), o.to(x.dtype)
-        y = (x / s).round_().add_(o).clamp_(qmin, qmax).sub_(o).mul_(s)  # in place: one new tensor
-        ctx.save_for_backward(x, s, o)
+        s, o = factors if factors is not None else _ulq_forward_factors(x, clip_max, clip_min, bits, symmetric)
+        y = _fake_quant(x, s, o, qmin, qmax)
+        if isinstance(s, torch.Tensor):
+            ctx.save_for_backward(x, s, o)
+        else:
+            ctx.save_for_backward(x)
+            ctx.so = (s, o)
         ctx.bits, ctx.symmetric, ctx.has_min = bits, symmetric, clip_min is not None
         ctx.shapes = (clip_max.shape, None if clip_min is None else clip_min.shape)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, s, o = ctx.saved_tensors
+        x, *so = ctx.saved_tensors
+        s, o = so if so else ctx.so
         qmin, qmax = qrange(ctx.bits)
-        lower, upper = (qmin - o) * s, (qmax - o) * s
-        fast = _per_tensor_sums(g, x, s, lower, upper)
+        bounds = _bounds(s, o, qmin, qmax, x.dtype)
+        fast = None
+        if bounds is not None:
+            fast = _per_tensor_sums(g.contiguous(), x, float(s), *bounds, need_below=ctx.symmetric or ctx.has_min)
         if fast is not None:
             gx, g_r, g_above, g_below = fast
             if ctx.symmetric:
                 gmax = g_r / qmax + g_above + g_below * (qmin / qmax)
-                return gx, _clean(gmax.reshape(ctx.shapes[0])), None, None, None
+                return gx, _clean(gmax.reshape(ctx.shapes[0])), None, None, None, None
             levels = 2 ** ctx.bits - 1
             gmin = _clean((g_below - g_r / levels).reshape(ctx.shapes[1])) if ctx.has_min else None
-            return gx, _clean((g_r / levels + g_above).reshape(ctx.shapes[0])), gmin, None, None
+            return gx, _clean((g_r / levels + g_above).reshape(ctx.shapes[0])), gmin, None, None, None
+        lower, upper = (qmin - o) * s, (qmax - o) * s
         below, above = x < lower, x > upper
         inside = ~(below | above)
         xs = x / s
@@ -135,7 +220,7 @@ class _Ulq(torch.autograd.Function):
         gmax = _clean(gmax.sum_to_size(ctx.shapes[0]))
         if gmin is not None:
             gmin = _clean(gmin.sum_to_size(ctx.shapes[1]))
-        return gx, gmax, gmin, None, None
+        return gx, gmax, gmin, None, None, None
 
 
 def ulq_fake_quant(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tensor | None, bits: int,
@@ -145,6 +230,14 @@ def ulq_fake_quant(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tens
     ``clip_max``/``clip_min`` broadcast against ``x`` (per-channel: shaped like the channel axis).
     """
     return _Ulq.apply(x, clip_max, clip_min, bits, symmetric)
+
+
+def ulq_fake_quant_with_factors(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tensor | None, bits: int,
+                                symmetric: bool = False) -> tuple[torch.Tensor, float | torch.Tensor, float | torch.Tensor]:
+    """:func:`ulq_fake_quant`, also returning the scale and offset it used (Python floats for one-element
+    CPU clips, tensors otherwise), so a caller that records them does not compute them twice."""
+    s, o = _ulq_forward_factors(x, clip_max, clip_min, bits, symmetric)
+    return _Ulq.apply(x, clip_max, clip_min, bits, symmetric, (s, o)), s, o
 
 
 # -- LSQ+ --------------------------------------------------------------------------------------
@@ -158,30 +251,44 @@ def lsq_factors(scale: torch.Tensor, beta: torch.Tensor | None, bits: int) -> tu
     return s, o
 
 
+def _lsq_forward_factors(x: torch.Tensor, scale: torch.Tensor, beta: torch.Tensor | None,
+                         bits: int) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    if _scalar_path(x, scale, beta):
+        s, o = _lsq_scalars(scale, beta, bits)
+        return float(s), float(o)
+    s, o = lsq_factors(scale, beta, bits)
+    return s.to(x.dtype), o.to(x.dtype)
+
+
 class _Lsq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, beta, bits: int, grad_scale: float):  # type: ignore[override]
+    def forward(ctx, x, scale, beta, bits: int, grad_scale: float, factors=None):  # type: ignore[override]
         qmin, qmax = qrange(bits)
-        s, o = lsq_factors(scale, beta, bits)
-        s, o = s.to(x.dtype), o.to(x.dtype)
-        y = (x / s).round_().add_(o).clamp_(qmin, qmax).sub_(o).mul_(s)  # in place: one new tensor
-        ctx.save_for_backward(x, s, o)
+        s, o = factors if factors is not None else _lsq_forward_factors(x, scale, beta, bits)
+        y = _fake_quant(x, s, o, qmin, qmax)
+        if isinstance(s, torch.Tensor):
+            ctx.save_for_backward(x, s, o)
+        else:
+            ctx.save_for_backward(x)
+            ctx.so = (s, o)
         ctx.bits, ctx.grad_scale = bits, grad_scale
         ctx.shapes = (scale.shape, None if beta is None else beta.shape)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, s, o = ctx.saved_tensors
+        x, *so = ctx.saved_tensors
+        s, o = so if so else ctx.so
         qmin, qmax = qrange(ctx.bits)
-        lower, upper = (qmin - o) * s, (qmax - o) * s
         gs = ctx.grad_scale
-        fast = _per_tensor_sums(g, x, s, lower, upper)
+        bounds = _bounds(s, o, qmin, qmax, x.dtype)
+        fast = None if bounds is None else _per_tensor_sums(g.contiguous(), x, float(s), *bounds, need_below=True)
         if fast is not None:
             gx, g_r, g_above, g_below = fast
             gscale = _clean(((g_r + g_below * qmin + g_above * qmax) * gs).reshape(ctx.shapes[0]))
             gbeta = None if ctx.shapes[1] is None else _clean(((g_below + g_above) * gs).reshape(ctx.shapes[1]))
-            return gx, gscale, gbeta, None, None
+            return gx, gscale, gbeta, None, None, None
+        lower, upper = (qmin - o) * s, (qmax - o) * s
         below, above = x < lower, x > upper
         inside = ~(below | above)
         xs = x / s
@@ -190,14 +297,26 @@ class _Lsq(torch.autograd.Function):
         gbeta = None
         if ctx.shapes[1] is not None:
             gbeta = _clean((g * (~inside).to(g.dtype)).sum_to_size(ctx.shapes[1]) * gs)
-        return g * inside, gscale, gbeta, None, None
+        return g * inside, gscale, gbeta, None, None, None
+
+
+def _lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, grad_scale: float | None) -> float:
+    if grad_scale is None:
+        n = max(1, x.numel() // max(1, scale.numel()))
+        grad_scale = 1.0 / math.sqrt(n * qrange(bits)[1])
+    return grad_scale
 
 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, beta: torch.Tensor | None, bits: int,
                    grad_scale: float | None = None) -> torch.Tensor:
     """LSQ+ fake quantization (``beta=None``: symmetric LSQ). ``grad_scale`` defaults to LSQ's
     ``1/sqrt(N * qmax)`` with ``N`` the elements per scale value."""
-    if grad_scale is None:
-        n = max(1, x.numel() // max(1, scale.numel()))
-        grad_scale = 1.0 / math.sqrt(n * qrange(bits)[1])
-    return _Lsq.apply(x, scale, beta, bits, grad_scale)
+    return _Lsq.apply(x, scale, beta, bits, _lsq_grad_scale(x, scale, bits, grad_scale))
+
+
+def lsq_fake_quant_with_factors(x: torch.Tensor, scale: torch.Tensor, beta: torch.Tensor | None, bits: int,
+                                grad_scale: float | None = None) -> tuple[torch.Tensor, float | torch.Tensor, float | torch.Tensor]:
+    """:func:`lsq_fake_quant`, also returning the scale and offset it used (see
+    :func:`ulq_fake_quant_with_factors`)."""
+    s, o = _lsq_forward_factors(x, scale, beta, bits)
+    return _Lsq.apply(x, scale, beta, bits, _lsq_grad_scale(x, scale, bits, grad_scale), (s, o)), s, o

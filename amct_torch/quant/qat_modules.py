@@ -22,7 +22,8 @@ import torch.nn as nn
 from ..config import Granularity
 from .calibrators import Calibrator
 from .formulas import channel_major, qrange
-from .learnable import lsq_factors, lsq_fake_quant, ulq_factors, ulq_fake_quant
+from .learnable import (lsq_factors, lsq_fake_quant, lsq_fake_quant_with_factors, ulq_factors, ulq_fake_quant,
+                        ulq_fake_quant_with_factors)
 from .quantizers import ActivationQuantizer, ArqWeightQuantizer
 
 __all__ = ["LearnedActivationQuantizer", "UlqActivationQuantizer", "LsqActivationQuantizer",
@@ -52,8 +53,9 @@ class LearnedActivationQuantizer(ActivationQuantizer, metaclass=ABCMeta):
 
     # subclasses: the learned fake quantization, the factors it uses, and setting the range
     @abstractmethod
-    def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with the learned parameters (differentiable in them)."""
+    def _learned(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+        """Fake-quantize ``x`` with the learned parameters (differentiable in them); also returns the
+        scale and offset used."""
 
     @abstractmethod
     def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,15 +69,20 @@ class LearnedActivationQuantizer(ActivationQuantizer, metaclass=ABCMeta):
         return [p for p in self.parameters(recurse=False)]
 
     # --
-    def _refresh(self) -> None:
+    def _refresh(self, factors: tuple[torch.Tensor | float, torch.Tensor | float] | None = None) -> None:
+        """Record the factors in the ``scale``/``offset`` buffers (those of the last forward, or current)."""
+        s, o = factors if factors is not None else self.current_factors()
         with torch.no_grad():
-            s, o = self.current_factors()
-            self.scale.copy_(s.reshape(()))
-            self.offset.copy_(o.reshape(()).to(self.offset.dtype))
+            if isinstance(s, torch.Tensor):
+                self.scale.copy_(s.reshape(()))
+                self.offset.copy_(o.reshape(()).to(self.offset.dtype))
+            else:
+                self.scale.fill_(s)
+                self.offset.fill_(int(o))
 
     def quantize_learned(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._learned(x)
-        self._refresh()
+        y, s, o = self._learned(x)
+        self._refresh((s, o))
         return y
 
     def finalize(self) -> None:
@@ -160,8 +167,8 @@ class UlqActivationQuantizer(LearnedActivationQuantizer):
     def _min(self) -> torch.Tensor | None:
         return None if (self.fixed_min or self.symmetric) else self.clip_min
 
-    def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        return ulq_fake_quant(x, self.clip_max, self._min(), self.bits, self.symmetric)
+    def _learned(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+        return ulq_fake_quant_with_factors(x, self.clip_max, self._min(), self.bits, self.symmetric)
 
     def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return ulq_factors(self.clip_max.detach(), None if self._min() is None else self.clip_min.detach(),
@@ -200,8 +207,8 @@ class LsqActivationQuantizer(LearnedActivationQuantizer):
     def _beta(self) -> torch.Tensor | None:
         return None if self.symmetric else self.learned_beta
 
-    def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        return lsq_fake_quant(x, self.learned_scale, self._beta(), self.bits)
+    def _learned(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+        return lsq_fake_quant_with_factors(x, self.learned_scale, self._beta(), self.bits)
 
     def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return lsq_factors(self.learned_scale.detach(), None if self._beta() is None else self.learned_beta.detach(),

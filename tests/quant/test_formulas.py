@@ -287,3 +287,24 @@ def test_layout_grouped_conv_transpose_row_is_output_channel():
     y_scaled = F.conv_transpose2d(x, w * cs, groups=2)
     y = F.conv_transpose2d(x, w, groups=2)
     torch.testing.assert_close(y_scaled, y * scale.reshape(1, 6, 1, 1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_arq_calibrate_matches_scale_offset(bits, per_channel):
+    """ARQ's per-step scale computation (float32, fewer ops) equals scale_offset's float64 formula,
+    including channels whose negative and positive extremes tie, all-zero channels and tiny ranges."""
+    from amct_torch.config import PerChannel, PerTensor
+    from amct_torch.quant.quantizers import ArqWeightQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 3, 3, 3) * torch.rand(64, 1, 1, 1) * 3
+    w[1] = 0.0
+    w[2] = 1e-9 * torch.randn(3, 3, 3)
+    w[3, 0, 0, 0], w[3, 0, 0, 1] = 0.5, -0.5
+    w[4] = w[4].abs()
+    w[5] = -w[5].abs()
+    q = ArqWeightQuantizer(w, bits, PerChannel() if per_channel else PerTensor(), axis=0)
+    rows = w.reshape(64, -1) if per_channel else w.reshape(1, -1)
+    scale, offset = scale_offset(rows.min(dim=1).values, rows.max(dim=1).values, bits, symmetric=True)
+    assert torch.equal(q.scale, scale) and torch.equal(q.offset, offset)

@@ -131,8 +131,58 @@ def test_per_tensor_fast_backward_equals_the_masked_formulas(kind, monkeypatch):
         return [y.detach(), t.grad] + [p.grad for p in ps if p is not None]
 
     fast = grads()
-    monkeypatch.setattr(learnable, "_per_tensor_sums", lambda *a: None)  # the generic masked backward
+    monkeypatch.setattr(learnable, "_per_tensor_sums", lambda *a, **k: None)  # the generic masked backward
     slow = grads()
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     for a, b in zip(fast[2:], slow[2:]):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_scalar_factors_equal_the_tensor_factors():
+    """One-element CPU parameters take a NumPy-scalar path for the factors; it must match the tensor ops
+    bit for bit, including at rounding ties, for negative, zero, huge and non-finite parameters."""
+    from amct_torch.quant.learnable import _lsq_scalars, _ulq_scalars, lsq_factors
+
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(300) * 3, torch.rand(100) * 1e-6, torch.tensor(
+        [0.0, -0.0, 1e-9, -1e-9, 1.0, -1.0, 2.55, -0.5, 3e38, -3e38, float("inf"), float("-inf"), float("nan")])])
+    # offsets that are exact ties of round(qmin - cmin / s): cmin = -(k + 0.5) s
+    ties = [(-(k + 0.5) * 0.01, 2.55 - (k + 0.5) * 0.01) for k in range(0, 40, 3)]
+    pairs = [(float(a), float(b)) for a, b in zip(values, values.flip(0))] + [(b, a) for a, b in ties]
+    for bits in (4, 8, 16):
+        for hi, lo in pairs:
+            cmax, cmin = torch.tensor(hi), torch.tensor(lo)
+            for symmetric, pmin in ((True, None), (False, None), (False, cmin)):
+                s, o = ulq_factors(cmax, pmin, bits, symmetric)
+                s2, o2 = _ulq_scalars(cmax, pmin, bits, symmetric)
+                assert float(s) == float(s2) and float(o) == float(o2), (hi, lo, bits, symmetric, pmin)
+            for beta in (None, cmin):
+                s, o = lsq_factors(cmax, beta, bits)
+                s2, o2 = _lsq_scalars(cmax, beta, bits)
+                assert float(s) == float(s2) and float(o) == float(o2), (hi, lo, bits, beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scalar_and_tensor_factor_paths_give_the_same_outputs_and_gradients(dtype, monkeypatch):
+    from amct_torch.quant import learnable
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 5, 5, dtype=dtype) * 2
+
+    def run_both():
+        out = []
+        for fq, p in ((lambda t, a, b: ulq_fake_quant(t, a, b, 8), (torch.tensor(2.5), torch.tensor(-1.25))),
+                      (lambda t, a, b: lsq_fake_quant(t, a, b, 4), (torch.tensor(0.3), torch.tensor(-0.2)))):
+            t = x.clone().requires_grad_(True)
+            ps = [q.clone().requires_grad_(True) for q in p]
+            y = fq(t, *ps)
+            y.backward(torch.linspace(-1, 2, x.numel(), dtype=dtype).reshape(x.shape))
+            out += [y.detach(), t.grad] + [q.grad for q in ps]
+        return out
+
+    scalar = run_both()
+    monkeypatch.setattr(learnable, "_scalar_path", lambda *a: False)
+    tensor = run_both()
+    for a, b in zip(scalar, tensor):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(scalar[0], tensor[0]) and torch.equal(scalar[1], tensor[1])

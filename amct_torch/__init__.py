@@ -7,6 +7,13 @@ Post-training quantization::
     amct_torch.calibrate(model, loader)
     amct_torch.export(model, "out/model", x)     # fake-quant ONNX (ORT), deploy ONNX (ATC), record
 
+Collaborative optimization (prune -> cluster -> QAT; each stage keeps what the previous one made)::
+
+    model = amct_torch.prune_magnitude(model, amct_torch.MagnitudeConfig(sparsity=0.5, schedule="oneshot"), x)
+    model = amct_torch.cluster_weights(model, amct_torch.ClusterConfig(clusters=16), x)
+    qat = amct_torch.prepare_qat(model, amct_torch.QatConfig(), x)      # PCQAT
+    amct_torch.check_preservation(qat).raise_if_broken()
+
 Quantization-aware training::
 
     model = amct_torch.prepare_qat(model, amct_torch.QatConfig(weight_bits=4), x)
@@ -26,12 +33,14 @@ create/restore/save_compressed_retrain_model). The structural passes::
     print(plan)
 """
 
-from .config import (ChannelPruneConfig, ChannelSearchConfig, Config, ConfigError, Granularity, PerChannel, PerGroup,
-                     PerTensor, PerToken, QatConfig, QuantConfig, Targeting)
+from .config import (ChannelPruneConfig, ChannelSearchConfig, ClusterConfig, Config, ConfigError, Granularity,
+                     MagnitudeConfig, NMConfig, PerChannel, PerGroup, PerTensor, PerToken, QatConfig, QuantConfig,
+                     Targeting)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
-from .sparsity import prune_channels, search_channel_pruning, shrink
+from .sparsity import prune_channels, prune_magnitude, search_channel_pruning, shrink
+from .cluster import check_preservation, cluster_weights, reassign_clusters, strip_clustering
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
 from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLossSensitivity, auto_channel_prune_search,
                      create_compressed_retrain_model, create_prune_retrain_model, create_quant_config,
@@ -42,11 +51,12 @@ from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLos
 __version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "ChannelPruneConfig",
-           "ChannelSearchConfig",
+           "ChannelSearchConfig", "ClusterConfig", "MagnitudeConfig", "NMConfig",
            "QatConfig", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",
-           "freeze_bn_stats", "freeze_quantizers", "prune_channels", "search_channel_pruning", "shrink", "export",
+           "freeze_bn_stats", "freeze_quantizers", "prune_channels", "prune_magnitude", "search_channel_pruning", "shrink",
+           "cluster_weights", "reassign_clusters", "strip_clustering", "check_preservation", "export",
            "create_quant_config",
            "quantize_model", "save_model", "create_quant_retrain_config", "create_quant_retrain_model",
            "restore_quant_retrain_model", "save_quant_retrain_model", "create_prune_retrain_model",

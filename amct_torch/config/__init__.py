@@ -1,6 +1,7 @@
 """Typed configs, granularities and targeting (global -> module type -> module name)."""
 
 from .base import Config, ConfigError
+from .cluster import ClusterConfig
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
 from .prune import ChannelPruneConfig, ChannelSearchConfig
 from .qat import QAT_BIT_WIDTHS, QatConfig
@@ -9,7 +10,7 @@ from .sparsity import MagnitudeConfig, NMConfig
 from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
-           "parse_granularity", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
+           "parse_granularity", "ClusterConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
            "Targeting"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.

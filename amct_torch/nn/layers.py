@@ -31,6 +31,9 @@ class CompressedConv(CompressedLayer):
         """Train this conv and ``bn`` as one folded unit (see :mod:`amct_torch.nn.bn_fold`)."""
         if self.folded_bn is not None:
             raise ValueError(f"a BatchNorm is already folded into this {type(self.module).__name__}")
+        if any(type(s).__name__ == "ClusterStage" for s in self.weight_pipeline):
+            raise ValueError(f"this {type(self.module).__name__} is clustered: its BatchNorm must be folded before "
+                             "clustering (cluster_weights does that), not trained folded after it")
         self.__dict__["_folded_bn"] = bn
         self.weight_pipeline.insert(0, BatchNormScale(bn, self.weight_channel_axis))
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError, PerChannel, PerTensor, QuantConfig, Targeting
+from ..cluster.api import quant_granularity_for
 from ..graph import capture, fold_batch_norm, swap_layers
 from ..nn import CompressedAvgPool, CompressedConvTranspose, CompressedLayer
 from ..nn.refs import bind_references
@@ -88,7 +89,8 @@ def _attach(name: str, layer: CompressedLayer, cfg: Config) -> None:
     if layer.has_weight:
         w = layer.effective_weight().detach()
         stage_cls = AdaRoundWeightQuantizer if cfg.weight_algorithm == "adaround" else ArqWeightQuantizer
-        stage = stage_cls(w, cfg.weight_bits, cfg.weight_granularity, layer.weight_channel_axis, _groups(layer))
+        granularity, _ = quant_granularity_for(layer, cfg.weight_granularity)  # clustered per tensor: per tensor
+        stage = stage_cls(w, cfg.weight_bits, granularity, layer.weight_channel_axis, _groups(layer))
         stage.config = cfg
         layer.weight_pipeline.append(stage)
 

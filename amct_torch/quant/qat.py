@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError, QatConfig, Targeting
+from ..cluster.api import quant_granularity_for
 from ..graph import capture, fold_batch_norm, swap_layers
 from ..nn import CompressedConv, CompressedConvTranspose, CompressedLayer, FoldedBatchNorm
 from ..nn.refs import bind_references
@@ -105,12 +106,17 @@ def prepare_qat(model: nn.Module, config: QatConfig | Targeting | None = None, e
             layer.input_quantizer = q
         with torch.no_grad():
             w = layer.effective_weight().detach()
+        granularity, note = quant_granularity_for(layer, cfg.weight_granularity)
+        if note:
+            notes.append(f"{name}: {note}")
         layer.weight_pipeline.append(_WEIGHT_STAGES[cfg.weight_algorithm](
-            w, cfg.weight_bits, cfg.weight_granularity, layer.weight_channel_axis, _groups(layer)))
+            w, cfg.weight_bits, granularity, layer.weight_channel_axis, _groups(layer)))
         layer.weight_pipeline[-1].config = cfg
 
+    notes: list[str] = []
     model, plan = swap_layers(model, targeting, graph=graph, attach=attach, inplace=True, title="prepare QAT",
                               reuse_wrapped=True)
+    plan.warnings += notes
     for conv_path, bn in pending.items():  # a conv that was not quantized: fold its BN for good
         conv = model.get_submodule(conv_path)
         plan.warnings.append(f"{conv_path} is not quantized: its BatchNorm trains folded without quantization")

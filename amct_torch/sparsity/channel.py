@@ -29,7 +29,7 @@ from ..graph.plan import render_table
 from ..config import Targeting
 from ..nn import CompressedLayer
 from .criteria import DATA_CRITERIA, data_scores, out_axis, weight_scores
-from .masks import MaskStage
+from .masks import MaskStage, refuse_after_clustering
 
 __all__ = ["prune_channels", "ChannelPrunePlan", "channel_mask_stage", "in_axis", "channel_pruner"]
 
@@ -48,6 +48,7 @@ def channel_mask_stage(layer: CompressedLayer) -> MaskStage:
     for stage in layer.weight_pipeline:
         if isinstance(stage, MaskStage) and stage.kind == "channel":
             return stage
+    refuse_after_clustering("prune_channels", type(layer.module).__name__, layer)
     inner = layer.module
     cout = inner.weight.shape[out_axis(layer)] if not isinstance(inner, nn.modules.conv._ConvTransposeNd) \
         else inner.out_channels

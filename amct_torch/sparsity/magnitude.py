@@ -38,7 +38,7 @@ from ..config import Config, MagnitudeConfig, Targeting
 from ..graph import LayerPlan, capture, swap_layers
 from ..graph.plan import render_table
 from ..nn import CompressedLayer
-from .masks import MaskStage, mask_stage
+from .masks import MaskStage, mask_stage, refuse_after_clustering
 from .schedules import Schedule
 
 __all__ = ["prune_magnitude", "MagnitudeScheduler", "magnitude_mask", "global_magnitude_masks", "magnitude_layers"]
@@ -97,10 +97,21 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
 
 
 # -- the pass ------------------------------------------------------------------------------------
+def _one_mask(title: str, name: str, layer: CompressedLayer) -> None:
+    refuse_after_clustering(title, name, layer)
+    stage = mask_stage(layer)
+    if stage is not None:
+        raise ValueError(f"{title}: layer {name!r} already has a {stage.kind} mask; one mask per layer "
+                         "(skip it in the targeting, or start from the unmasked model)")
+
+
 def sparsity_pass(model: nn.Module, targeting: Targeting, example_inputs: Any, attach: Callable, *, title: str,
-                  inplace: bool) -> nn.Module:
-    """Shared by the sparsity passes: copy, capture, swap with ``attach`` (reusing existing wrappers), and
-    leave weightless layers (average pooling) unwrapped, reported as ``no weight to prune``."""
+                  inplace: bool, guard: Callable[[str, str, CompressedLayer], None] = _one_mask,
+                  weightless_reason: str = "no weight to prune", plan_attr: str = "amct_prune_plan") -> nn.Module:
+    """Shared by the weight-stage passes (pruning, clustering): copy, capture, swap with ``attach`` (reusing
+    existing wrappers) after ``guard(title, name, layer)`` (raises when the layer cannot take the stage),
+    and leave weightless layers (average pooling) unwrapped, reported with ``weightless_reason``. The plan
+    is kept as ``model.<plan_attr>``."""
     if not inplace:
         model = copy.deepcopy(model)
     graph = capture(model, example_inputs)
@@ -110,10 +121,7 @@ def sparsity_pass(model: nn.Module, targeting: Targeting, example_inputs: Any, a
         if not layer.has_weight:
             weightless.add(name)
             return
-        stage = mask_stage(layer)
-        if stage is not None:
-            raise ValueError(f"{title}: layer {name!r} already has a {stage.kind} mask; one mask per layer "
-                             "(skip it in the targeting, or start from the unmasked model)")
+        guard(title, name, layer)
         attach(name, layer, cfg)
 
     model, plan = swap_layers(model, targeting, graph=graph, attach=guarded, inplace=True, title=title, reuse_wrapped=True)
@@ -121,8 +129,8 @@ def sparsity_pass(model: nn.Module, targeting: Targeting, example_inputs: Any, a
         if lp.name in weightless and lp.action == "wrap":
             if not lp.detail.endswith("(on the existing wrapper)"):
                 model.set_submodule(lp.name, model.get_submodule(lp.name).module)
-            plan.layers[i] = LayerPlan(lp.name, lp.layer_type, "skip", "no weight to prune", lp.source)
-    model.amct_prune_plan = plan
+            plan.layers[i] = LayerPlan(lp.name, lp.layer_type, "skip", weightless_reason, lp.source)
+    setattr(model, plan_attr, plan)
     return model
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["MaskStage", "mask_stage", "masked_layers", "sparsity_of"]
+__all__ = ["MaskStage", "mask_stage", "masked_layers", "sparsity_of", "refuse_after_clustering"]
 
 
 class _SrSte(torch.autograd.Function):
@@ -74,6 +74,14 @@ def mask_stage(layer: nn.Module) -> MaskStage | None:
         if isinstance(stage, MaskStage):
             return stage
     return None
+
+
+def refuse_after_clustering(title: str, name: str, layer: nn.Module) -> None:
+    """Masks go before clustering (mask -> cluster -> fake-quant): a cluster stage's output does not follow
+    its input, so a mask added before an existing one would do nothing."""
+    if any(type(s).__name__ == "ClusterStage" for s in layer.weight_pipeline or ()):
+        raise ValueError(f"{title}: layer {name!r} is already clustered; prune before clustering (mask -> cluster "
+                         "-> fake-quant): prune the float model, then cluster_weights the pruned one")
 
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:

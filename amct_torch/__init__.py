@@ -40,6 +40,7 @@ from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
 from .sparsity import prune_channels, prune_magnitude, search_channel_pruning, shrink
+from .analysis import CompressionReport, compression_report
 from .cluster import check_preservation, cluster_weights, reassign_clusters, strip_clustering
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
 from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLossSensitivity, auto_channel_prune_search,
@@ -56,7 +57,8 @@ __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "Pe
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",
            "freeze_bn_stats", "freeze_quantizers", "prune_channels", "prune_magnitude", "search_channel_pruning", "shrink",
-           "cluster_weights", "reassign_clusters", "strip_clustering", "check_preservation", "export",
+           "cluster_weights", "reassign_clusters", "strip_clustering", "check_preservation", "compression_report",
+           "CompressionReport", "export",
            "create_quant_config",
            "quantize_model", "save_model", "create_quant_retrain_config", "create_quant_retrain_model",
            "restore_quant_retrain_model", "save_quant_retrain_model", "create_prune_retrain_model",

@@ -1,8 +1,11 @@
-"""Analysis: FLOPs/MACs and parameter counts (dense and sparsity-aware), and per-layer pruning sensitivity."""
+"""Analysis: FLOPs/MACs and parameter counts (dense and sparsity-aware), per-layer pruning sensitivity, and
+compression reports (sparsity, unique values, bits, gzip size against fp32)."""
 
 from .flops import FlopsReport, LayerCount, count_flops
+from .report import CompressionReport, LayerCompression, ModelSize, compression_report
 from .sensitivity_scan import (Pruner, SensitivityResult, prunable_layers, register_pruner, registered_pruners,
                           sensitivity)
 
 __all__ = ["FlopsReport", "LayerCount", "count_flops", "Pruner", "SensitivityResult", "prunable_layers",
-           "register_pruner", "registered_pruners", "sensitivity"]
+           "register_pruner", "registered_pruners", "sensitivity", "CompressionReport", "LayerCompression",
+           "ModelSize", "compression_report"]

@@ -9,10 +9,15 @@
 * :class:`MagnitudePruning` — magnitude pruning on a step or epoch schedule; :class:`NMSparsity` — N:M
   (2:4) sparsity; :class:`ChannelPruning` — channel masks at setup or at an epoch, optionally shrunk at the
   end of fit. All resumable; :func:`load_pruned_checkpoint` rebuilds a pruned (or shrunk) module.
+* :class:`WeightClustering` — cluster stages at setup, clustered from an epoch on; with the pruning and
+  QAT callbacks in one Trainer the pipelines are mask -> cluster -> fake-quant whatever the list order
+  (PQAT, CQAT, PCQAT); :func:`load_compressed_checkpoint` rebuilds any combination from a checkpoint.
 """
 
 from .callbacks import (ChannelPruning, MagnitudePruning, NMSparsity, ONNXExport, PostTrainingQuantization,
-                        QuantizationAwareTraining, load_pruned_checkpoint, load_qat_checkpoint)
+                        QuantizationAwareTraining, WeightClustering, load_compressed_checkpoint,
+                        load_pruned_checkpoint, load_qat_checkpoint)
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
-           "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint"]
+           "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint", "WeightClustering",
+           "load_compressed_checkpoint"]

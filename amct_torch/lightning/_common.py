@@ -141,3 +141,14 @@ def export_model(model: nn.Module, prefix: str | os.PathLike, inputs: Any, who: 
     warnings.warn(f"{who}: the model has no quantizers; wrote a plain fp32 ONNX model {path} "
                   "(no deploy model or record)", UserWarning, stacklevel=2)
     return {"fp32": path}
+
+
+def setup_earlier_stages(trainer: L.Trainer, pl_module: L.LightningModule, me: Any) -> None:
+    """Run ``setup`` of the compression callbacks whose ``pipeline_rank`` is below ``me``'s first, so the
+    weight pipelines come out mask -> cluster -> fake-quant whatever order the callbacks are listed in
+    (their ``setup`` is idempotent: Lightning's own call later finds the network prepared)."""
+    rank = getattr(me, "pipeline_rank", None)
+    earlier = [cb for cb in trainer.callbacks if cb is not me and getattr(cb, "pipeline_rank", None) is not None
+               and rank is not None and cb.pipeline_rank < rank]
+    for cb in sorted(earlier, key=lambda cb: cb.pipeline_rank):
+        cb.setup(trainer, pl_module, "fit")

@@ -1,10 +1,12 @@
 """The callbacks, in one place (``class_path: amct_torch.lightning.callbacks.<Name>`` works as well as
 ``amct_torch.lightning.<Name>``)."""
 
+from .clustering import WeightClustering, load_compressed_checkpoint
 from .onnx_export import ONNXExport
 from .ptq import PostTrainingQuantization
 from .pruning import ChannelPruning, MagnitudePruning, NMSparsity, load_pruned_checkpoint
 from .qat import QuantizationAwareTraining, load_qat_checkpoint
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
-           "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint"]
+           "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint", "WeightClustering",
+           "load_compressed_checkpoint"]

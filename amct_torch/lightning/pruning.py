@@ -139,6 +139,8 @@ class MagnitudePruning(Callback):
           init_args: {config: {sparsity: 0.8, schedule: agp, start: 0, end: 2000, frequency: 100}}
     """
 
+    pipeline_rank = 10  # masks come first in a weight pipeline
+
     def __init__(self, config: Union[MagnitudeConfig, Targeting, dict[str, Any], None] = None, *, attr: str = "model",
                  example_inputs: Any = None, log_sparsity: bool = True, verbose: bool = False):
         self.config = parse_config(config, MagnitudeConfig, "MagnitudePruning")
@@ -243,6 +245,8 @@ class NMSparsity(Callback):
         - class_path: amct_torch.lightning.NMSparsity
           init_args: {config: {global: {n: 2, m: 4}, skip: [conv1]}}
     """
+
+    pipeline_rank = 10  # masks come first in a weight pipeline
 
     def __init__(self, config: Union[NMConfig, Targeting, dict[str, Any], None] = None, *, attr: str = "model",
                  example_inputs: Any = None, log_sparsity: bool = True, verbose: bool = False):
@@ -395,6 +399,8 @@ class ChannelPruning(Callback):
           init_args: {config: {ratio: 0.5, criterion: taylor}, loss_fn: torch.nn.functional.cross_entropy,
                       shrink_at_end: true, save_shrunk: out/prune_channels_resnet_digits}
     """
+
+    pipeline_rank = 10  # masks come first in a weight pipeline
 
     def __init__(self, config: Union[ChannelPruneConfig, dict[str, Any], None] = None, *, attr: str = "model",
                  at: Union[Literal["setup"], int] = "setup", shrink_at_end: bool = False,

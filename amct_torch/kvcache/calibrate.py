@@ -36,7 +36,8 @@ from ..graph.plan import render_table
 from ..quant.calibrators import Calibrator, make_calibrator
 from ..quant.formulas import qrange, scale_offset
 
-__all__ = ["KVTensor", "KVCalibration", "kv_projections", "calibrate_kv_cache", "fake_quant_kv"]
+__all__ = ["KVTensor", "KVCalibration", "KVObserver", "kv_projections", "calibrate_kv_cache", "fake_quant_kv",
+           "quantize_kv", "dequantize_kv"]
 
 _KEY_NAMES = ("k_proj", "key", "k")
 _VALUE_NAMES = ("v_proj", "value", "v")
@@ -140,6 +141,68 @@ def _call(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+class KVObserver:
+    """Calibrators of key/value tensors: one per tensor, or one per channel (the last axis).
+
+    ``observe(name, x)`` accumulates a batch; ``factors(name)`` fixes AMCT's scale/offset from what was seen.
+    ``attach(model, tensors)`` observes the projections' output slices with forward hooks; ``on_module`` (if
+    given) is called with a module path each time that module has run one more forward (AMCT's flow writes
+    the record once every layer has seen ``batch_num`` batches).
+    """
+
+    def __init__(self, configs: dict[str, KVCacheConfig]):
+        self.configs = configs
+        self.calibrators: dict[str, list[Calibrator]] = {}
+        self.seen: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        cfg = self.configs[name]
+        part = x.detach().float()
+        if cfg.granularity == "per_channel":
+            flat = part.reshape(-1, part.shape[-1])
+            cals = self.calibrators.setdefault(name, [make_calibrator(cfg) for _ in range(flat.shape[1])])
+            if len(cals) != flat.shape[1]:
+                raise ValueError(f"KV tensor {name!r}: got {flat.shape[1]} channels, earlier batches had {len(cals)}")
+            for c, cal in enumerate(cals):
+                cal.observe(flat[:, c])
+        else:
+            self.calibrators.setdefault(name, [make_calibrator(cfg)])[0].observe(part)
+        self.seen[name] = self.seen.get(name, 0) + 1
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.calibrators:
+            raise ValueError(f"KV tensor {name!r}: nothing observed yet (run calibration batches first)")
+        cfg = self.configs[name]
+        symmetric = not cfg.activation_offset
+        ranges = [c.clip_range(cfg.bits, symmetric) for c in self.calibrators[name]]
+        lo = torch.tensor([r[0] for r in ranges], dtype=torch.float64)
+        hi = torch.tensor([r[1] for r in ranges], dtype=torch.float64)
+        return scale_offset(lo, hi, cfg.bits, symmetric)
+
+    def attach(self, model: nn.Module, tensors: Iterable[KVTensor], on_module: Any = None) -> "KVObserver":
+        modules = dict(model.named_modules())
+        by_module: dict[str, list[KVTensor]] = {}
+        for t in tensors:
+            by_module.setdefault(t.module, []).append(t)
+
+        def hook_for(path: str, ts: list[KVTensor]):
+            def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+                for t in ts:
+                    self.observe(t.name, out[..., t.start:t.stop])
+                if on_module is not None:
+                    on_module(path)
+            return hook
+
+        self._handles += [modules[p].register_forward_hook(hook_for(p, ts)) for p, ts in by_module.items()]
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def calibrate_kv_cache(model: nn.Module, data: Iterable[Any], config: KVCacheConfig | None = None) -> KVCalibration:
     """Observe the key/value projections over ``config.batch_num`` batches of ``data`` and fix the factors.
 
@@ -151,27 +214,7 @@ def calibrate_kv_cache(model: nn.Module, data: Iterable[Any], config: KVCacheCon
     if not tensors:
         raise ValueError("calibrate_kv_cache: no key/value projection found (looked for GPT-2's c_attn Conv1D and "
                          "Linear layers named k_proj/v_proj, key/value inside numbered decoder layers)")
-    per_channel = config.granularity == "per_channel"
-    observers: dict[str, list[Calibrator]] = {}
-    modules = dict(model.named_modules())
-
-    def hook_for(ts: list[KVTensor]):
-        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            for t in ts:
-                part = out[..., t.start:t.stop].detach().float()
-                if per_channel:
-                    flat = part.reshape(-1, part.shape[-1])
-                    cals = observers.setdefault(t.name, [make_calibrator(config) for _ in range(flat.shape[1])])
-                    for c, cal in enumerate(cals):
-                        cal.observe(flat[:, c])
-                else:
-                    observers.setdefault(t.name, [make_calibrator(config)])[0].observe(part)
-        return hook
-
-    by_module: dict[str, list[KVTensor]] = {}
-    for t in tensors:
-        by_module.setdefault(t.module, []).append(t)
-    handles = [modules[p].register_forward_hook(hook_for(ts)) for p, ts in by_module.items()]
+    observer = KVObserver({t.name: config for t in tensors}).attach(model, tensors)
     was_training = model.training
     seen = 0
     try:
@@ -183,18 +226,13 @@ def calibrate_kv_cache(model: nn.Module, data: Iterable[Any], config: KVCacheCon
                 if seen >= config.batch_num:
                     break
     finally:
-        for h in handles:
-            h.remove()
+        observer.detach()
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate_kv_cache: data yielded no batch")
     cal = KVCalibration(config, {t.name: t for t in tensors}, batches=seen)
-    symmetric = not config.activation_offset
-    for name, cals in observers.items():
-        ranges = [c.clip_range(config.bits, symmetric) for c in cals]
-        lo = torch.tensor([r[0] for r in ranges], dtype=torch.float64)
-        hi = torch.tensor([r[1] for r in ranges], dtype=torch.float64)
-        cal.scale[name], cal.offset[name] = scale_offset(lo, hi, config.bits, symmetric)
+    for t in tensors:
+        cal.scale[t.name], cal.offset[t.name] = observer.factors(t.name)
     return cal
 
 

@@ -1,14 +1,14 @@
 """KV-cache quantization: calibration of key/value factors (IFMR, HFMG, min/max; per tensor or per channel)
 on the key/value projections, a fake-quant evaluation mode, and an INT8 transformers cache.
 
-Not built yet (issue 7): AMCT's ``create_quant_cali_config`` / ``create_quant_cali_model`` /
-``QuantCalibrationOp`` functions and the Lightning callback.
+AMCT's ``create_quant_cali_config`` / ``create_quant_cali_model`` / ``QuantCalibrationOp`` are in
+:mod:`amct_torch.compat.kvcache`; the Lightning callback is :class:`amct_torch.lightning.KVCacheCalibration`.
 """
 
-from .calibrate import (KVCalibration, KVTensor, calibrate_kv_cache, dequantize_kv, fake_quant_kv, kv_projections,
+from .calibrate import (KVCalibration, KVObserver, KVTensor, calibrate_kv_cache, dequantize_kv, fake_quant_kv, kv_projections,
                         quantize_kv)
 
-__all__ = ["KVCalibration", "KVTensor", "calibrate_kv_cache", "dequantize_kv", "fake_quant_kv", "kv_projections",
+__all__ = ["KVCalibration", "KVObserver", "KVTensor", "calibrate_kv_cache", "dequantize_kv", "fake_quant_kv", "kv_projections",
            "quantize_kv", "QuantizedKVCache", "Int8KVLayer"]
 
 

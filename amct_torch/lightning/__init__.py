@@ -12,12 +12,14 @@
 * :class:`WeightClustering` — cluster stages at setup, clustered from an epoch on; with the pruning and
   QAT callbacks in one Trainer the pipelines are mask -> cluster -> fake-quant whatever the list order
   (PQAT, CQAT, PCQAT); :func:`load_compressed_checkpoint` rebuilds any combination from a checkpoint.
+* :class:`KVCacheCalibration` — KV-cache factors calibrated on validation batches; logs perplexity with
+  and without the INT8 cache.
 """
 
 from .callbacks import (ChannelPruning, MagnitudePruning, NMSparsity, ONNXExport, PostTrainingQuantization,
-                        QuantizationAwareTraining, WeightClustering, load_compressed_checkpoint,
+                        KVCacheCalibration, QuantizationAwareTraining, WeightClustering, load_compressed_checkpoint,
                         load_pruned_checkpoint, load_qat_checkpoint)
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
            "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint", "WeightClustering",
-           "load_compressed_checkpoint"]
+           "load_compressed_checkpoint", "KVCacheCalibration"]

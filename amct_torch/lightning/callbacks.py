@@ -2,6 +2,7 @@
 ``amct_torch.lightning.<Name>``)."""
 
 from .clustering import WeightClustering, load_compressed_checkpoint
+from .kvcache import KVCacheCalibration
 from .onnx_export import ONNXExport
 from .ptq import PostTrainingQuantization
 from .pruning import ChannelPruning, MagnitudePruning, NMSparsity, load_pruned_checkpoint
@@ -9,4 +10,4 @@ from .qat import QuantizationAwareTraining, load_qat_checkpoint
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
            "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint", "WeightClustering",
-           "load_compressed_checkpoint"]
+           "load_compressed_checkpoint", "KVCacheCalibration"]

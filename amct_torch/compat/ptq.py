@@ -34,6 +34,7 @@ from ..export.deploy import qdq_to_deploy
 from ..export.onnx_qdq import export_qdq_model
 from ..export.qdq_insert import insert_qdq
 from ..quant.ptq import activation_quantizers, calibrate, quant_layers, quantize, weight_quantizer
+from .balance import apply_record_balance
 from ._layers import linear_like, pick_spelling as _pick, quantizable_layers as _quantizable_layers
 
 __all__ = ["create_quant_config", "quantize_model", "save_model"]
@@ -118,7 +119,8 @@ def quantize_model(config_file: str | os.PathLike, modfied_onnx_file: str | os.P
     """Return the calibration model; after ``batch_num`` forward passes it writes ``record_file``.
 
     Writes ``modfied_onnx_file`` (the BN-folded model, for :func:`save_model`). AdaRound layers learn their
-    rounding here from ``input_data``, as AMCT does.
+    rounding here from ``input_data``, as AMCT does. ``tensor_balance_factor`` lists already in
+    ``record_file`` (from :func:`quantize_preprocess`) balance their layers first (DMQ).
     """
     modfied_onnx_file = _pick(modified_onnx_file, modfied_onnx_file, "modified_onnx_file")
     if modfied_onnx_file is None or record_file is None or model is None or input_data is None:
@@ -133,6 +135,7 @@ def quantize_model(config_file: str | os.PathLike, modfied_onnx_file: str | os.P
         raise ConfigError(f"{Path(config_file).name}: layers", missing,
                           "quantizable layers of this model (see create_quant_config); "
                           + "; ".join(f"{n}: {cal.amct_plan.skipped().get(n, 'not found')}" for n in missing))
+    apply_record_balance(cal, record_file)  # DMQ factors written by quantize_preprocess, if any
     ada = [n for n, m in quant_layers(cal).items() if type(weight_quantizer(m)).__name__ == "AdaRoundWeightQuantizer"]
     if ada:
         _adaround_from_input(cal, input_data)

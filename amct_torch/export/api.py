@@ -46,7 +46,8 @@ class ExportResult:
 
 
 def record_of(model: nn.Module) -> Record:
-    """The AMCT record of a calibrated model: per layer ``scale_d``/``offset_d`` and ``scale_w``/``offset_w``."""
+    """The AMCT record of a calibrated model: per layer ``scale_d``/``offset_d``, ``scale_w``/``offset_w`` and,
+    for DMQ-balanced layers, ``tensor_balance_factor``."""
     record = Record()
     for name, layer in quant_layers(model).items():
         fields: dict[str, Any] = {}
@@ -57,6 +58,9 @@ def record_of(model: nn.Module) -> Record:
         if stage is not None:
             fields.update(scale_w=[float(s) for s in stage.scale], offset_w=[int(o) for o in stage.offset],
                           wts_type=f"INT{stage.bits if stage.bits in (4, 8, 16) else 8}")
+        balance = getattr(layer, "input_balance", None)  # DMQ: the activation is divided by these
+        if balance is not None:
+            fields.update(tensor_balance_factor=[float(f) for f in balance.factor.reshape(-1)])
         record.set_layer(name, **fields)
     return record
 

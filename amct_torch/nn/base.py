@@ -1,13 +1,14 @@
 """The compressed layer: the original layer plus a weight pipeline and activation-quantizer slots.
 
 ```
- x ─► input_quantizer ─► op(x', weight_pipeline(W), b) ─► output_quantizer ─►
+ x ─► [input_balance] ─► input_quantizer ─► op(x', weight_pipeline(W), b) ─► output_quantizer ─►
 ```
 
 * ``module``: the original layer, untouched; its parameters keep their meaning.
 * ``weight_pipeline``: ordered stages ``w -> w'`` (mask, cluster, fake-quant...). Empty: ``w' = w``,
   and the wrapper reproduces the original layer's output exactly.
 * ``input_quantizer`` / ``output_quantizer``: ``None`` until a pass attaches one.
+* ``input_balance``: ``None``, or DMQ balancing's ``x -> x / s`` (applied before ``input_quantizer``).
 
 Wrappers are registered per layer type with :func:`register_wrapper`; the swap pass asks
 :func:`wrapper_for` which wrapper class a module gets. A checkpoint of the *unwrapped* model loads into
@@ -55,6 +56,7 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
             raise TypeError(f"{type(module).__name__} is already a compressed layer; wrap the original layer once")
         self.module = module
         self.weight_pipeline = WeightPipeline() if self.has_weight else None
+        self.register_module("input_balance", None)  # DMQ: x -> x / s before the input quantizer
         self.register_module("input_quantizer", None)
         self.register_module("output_quantizer", None)
         self._register_load_state_dict_pre_hook(self._accept_unwrapped_keys)
@@ -79,6 +81,9 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
         return bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        balance = self._modules.get("input_balance")  # absent in wrappers pickled before the slot existed
+        if balance is not None:
+            x = balance(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.effective_weight() if self.has_weight else None

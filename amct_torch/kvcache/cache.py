@@ -78,8 +78,11 @@ class QuantizedKVCache(Cache):
     Example::
 
         cache = QuantizedKVCache(calibrate_kv_cache(model, batches))
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+        out = model.generate(ids, past_key_values=cache, use_cache=True, max_new_tokens=64, do_sample=False)
         cache.nbytes()
+
+    Pass ``use_cache=True`` when the model's config says ``use_cache=False``: otherwise transformers runs the
+    whole sequence at every step and appends it to the cache again (as it would to a ``DynamicCache``).
     """
 
     def __init__(self, calibration: KVCalibration):

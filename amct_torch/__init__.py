@@ -34,15 +34,17 @@ create/restore/save_compressed_retrain_model). The structural passes::
 """
 
 from .config import (ChannelPruneConfig, ChannelSearchConfig, ClusterConfig, Config, ConfigError, Granularity,
-                     MagnitudeConfig, NMConfig, PerChannel, PerGroup, PerTensor, PerToken, QatConfig, QuantConfig,
-                     Targeting)
+                     KVCacheConfig, MagnitudeConfig, NMConfig, PerChannel, PerGroup, PerTensor, PerToken, QatConfig,
+                     QuantConfig, Targeting, WeightOnlyConfig)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
-from .quant import CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize
+from .quant import (CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize,
+                    quantize_weight_only)
 from .sparsity import prune_channels, prune_magnitude, search_channel_pruning, shrink
 from .analysis import CompressionReport, compression_report
 from .cluster import check_preservation, cluster_weights, reassign_clusters, strip_clustering
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
+from .export.weight_only import export_weight_only
 from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLossSensitivity, auto_channel_prune_search,
                      create_compressed_retrain_model, create_prune_retrain_model, create_quant_config,
                      create_quant_retrain_config, create_quant_retrain_model, quantize_model,
@@ -53,7 +55,8 @@ from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLos
 __version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "ChannelPruneConfig",
-           "ChannelSearchConfig", "ClusterConfig", "MagnitudeConfig", "NMConfig",
+           "ChannelSearchConfig", "ClusterConfig", "MagnitudeConfig", "NMConfig", "KVCacheConfig", "WeightOnlyConfig",
+           "quantize_weight_only", "export_weight_only",
            "QatConfig", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",

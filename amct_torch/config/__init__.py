@@ -3,6 +3,7 @@
 from .base import Config, ConfigError
 from .cluster import ClusterConfig
 from .kvcache import KVCacheConfig
+from .weight_only import WeightOnlyConfig
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
 from .prune import ChannelPruneConfig, ChannelSearchConfig
 from .qat import QAT_BIT_WIDTHS, QatConfig
@@ -11,7 +12,7 @@ from .sparsity import MagnitudeConfig, NMConfig
 from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
-           "parse_granularity", "ClusterConfig", "KVCacheConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
+           "parse_granularity", "ClusterConfig", "KVCacheConfig", "WeightOnlyConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
            "Targeting"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.

@@ -1,4 +1,5 @@
-"""Quantizer math (AMCT formulas), calibrators, quantizer modules, AdaRound and the PTQ pass."""
+"""Quantizer math (AMCT formulas), calibrators, quantizer modules, AdaRound, the PTQ and QAT passes, and
+weight-only quantization (per-group min/max and GPTQ)."""
 
 from .adaround import AdaRoundWeightQuantizer, optimize_rounding
 from .calibrators import (CALIBRATORS, Calibrator, HFMGCalibrator, IFMRCalibrator, MinMaxCalibrator, MSECalibrator,
@@ -9,6 +10,8 @@ from .qat import freeze_bn_stats, freeze_quantizers, learned_ranges, prepare_qat
 from .qat_modules import (ArqRetrainWeightQuantizer, LearnedActivationQuantizer, LsqActivationQuantizer,
                           LsqWeightQuantizer, UlqActivationQuantizer, UlqWeightQuantizer)
 from .quantizers import ActivationQuantizer, ArqWeightQuantizer, CalibrationError
+from .weight_only import (GroupWeightQuantizer, gptq_quantize, group_scale_offset, quantize_weight_only,
+                          weight_only_quantizers)
 
 __all__ = ["AdaRoundWeightQuantizer", "optimize_rounding", "CALIBRATORS", "Calibrator", "HFMGCalibrator",
            "IFMRCalibrator", "MinMaxCalibrator", "MSECalibrator", "PercentileCalibrator", "make_calibrator",
@@ -16,4 +19,5 @@ __all__ = ["AdaRoundWeightQuantizer", "optimize_rounding", "CALIBRATORS", "Calib
            "quant_layers", "quantize", "weight_quantizer", "ActivationQuantizer", "ArqWeightQuantizer",
            "CalibrationError", "prepare_qat", "freeze_bn_stats", "freeze_quantizers", "learned_ranges", "qat_quantizers",
            "ArqRetrainWeightQuantizer", "LearnedActivationQuantizer", "LsqActivationQuantizer", "LsqWeightQuantizer",
-           "UlqActivationQuantizer", "UlqWeightQuantizer"]
+           "UlqActivationQuantizer", "UlqWeightQuantizer", "GroupWeightQuantizer", "gptq_quantize", "group_scale_offset",
+           "quantize_weight_only", "weight_only_quantizers"]

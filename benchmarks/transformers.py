@@ -1,5 +1,5 @@
-"""Transformers benchmark, KV-cache part (issue 7; the MiniLM, dynamic, DMQ and weight-only parts join it
-as they are built).
+"""Transformers benchmark, KV-cache and weight-only parts (issue 7; the MiniLM, dynamic and DMQ parts join
+it as they are built).
 
 The Shakespeare GPT reference model (transformers GPT-2, 4 layers x 128, character vocabulary, context 64),
 test perplexity over the test split's windows:
@@ -8,6 +8,10 @@ test perplexity over the test split's windows:
 * ``KV INT8 <granularity> <calibrator>``: keys and values calibrated on the key/value slices of the fused
   ``c_attn`` over ``CALIB_BATCHES`` training batches (``calibrate_kv_cache``), evaluated with ``fake_quant_kv``
   (bit-equal to running with the INT8 cache, tested in tests/kvcache), per tensor and per channel, IFMR and HFMG.
+
+* ``weight-only INT4 g32 minmax`` / ``gptq``: every Linear / Conv1D (attention, MLP, the tied LM head) with
+  4-bit symmetric weights, one scale per 32 input columns, by min/max or GPTQ on ``GPTQ_BATCHES`` training
+  batches (``quantize_weight_only``); goal: GPTQ better than min/max.
 
 KV-cache bytes at 1k tokens: one prefill of 16 windows x 64 tokens (1,024 cached tokens per layer) into a
 transformers ``DynamicCache`` (fp32) and into our ``QuantizedKVCache`` (INT8 codes + factors), against the
@@ -40,6 +44,7 @@ from .ptq import _cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_BATCHES = 4
+GPTQ_BATCHES = 8
 GOAL_PPL_REL = 0.01
 GOAL_BYTES = 0.5
 
@@ -87,6 +92,27 @@ def cache_bytes(model: torch.nn.Module, dm: Any, cal: Any) -> dict[str, Any]:
             "int8_over_fp16": quant.nbytes() / (fp32 / 2), "int8_over_fp32": quant.nbytes() / fp32}
 
 
+def weight_only_rows(model: torch.nn.Module, dm: Any, base_ppl: float) -> list[dict[str, Any]]:
+    """Weight-only INT4 (group 32, symmetric) of every Linear / Conv1D: min/max against GPTQ."""
+    import copy
+
+    from amct_torch.config import WeightOnlyConfig
+
+    test = dm.test_dataloader()
+    calib = dm.calibration_batches(GPTQ_BATCHES)
+    rows = []
+    for algo in ("minmax", "gptq"):
+        cfg = WeightOnlyConfig(bits=4, group_size=32, algorithm=algo, batch_num=GPTQ_BATCHES)
+        t = time.perf_counter()
+        q = amct_torch.quantize_weight_only(copy.deepcopy(model), cfg, calibration_data=calib if algo == "gptq" else None)
+        build_s = time.perf_counter() - t
+        with torch.no_grad():
+            ppl = evaluate_perplexity(q, test)
+        rows.append({"method": f"weight-only INT4 g32 {algo}", "ppl": ppl, "rel": ppl / base_ppl - 1,
+                     "build_s": round(build_s, 1)})
+    return rows
+
+
 def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -96,10 +122,14 @@ def main() -> None:
     dm.setup()
     rows = kv_rows(model, dm)
     best = min(rows[1:], key=lambda r: r["ppl"])
+    wo = weight_only_rows(model, dm, rows[0]["ppl"])
     per_tensor = next(r for r in rows if r["method"] == "KV INT8 per_tensor ifmr")
     size = cache_bytes(model, dm, per_tensor["_cal"])
     print(render_table(["method", "test ppl", "vs fp32", "calib s"],
                        [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r.get("calib_s", "-")) for r in rows]))
+    print()
+    print(render_table(["method", "test ppl", "vs fp32", "build s"],
+                       [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r["build_s"]) for r in wo]))
     print(f"\nKV cache at {size['tokens']} tokens: fp32 {size['fp32_bytes']:,} B, fp16 {size['fp16_bytes']:,} B, "
           f"INT8 {size['int8_bytes']:,} B ({size['int8_over_fp16']:.4f}x fp16)")
     goals = [{"goal": f"KV INT8 perplexity within {100 * GOAL_PPL_REL:g}% of fp32 (per tensor, IFMR: AMCT's default)",
@@ -111,7 +141,11 @@ def main() -> None:
               "status": "PASS" if size["codes_over_fp16"] <= GOAL_BYTES else "FAIL",
               "detail": f"codes {size['codes_over_fp16']:.4f}x fp16; with the factors {size['int8_over_fp16']:.5f}x "
                         f"({size['int8_bytes']:,} vs {size['fp16_bytes']:,} bytes at {size['tokens']} tokens; factors "
-                        f"{size['factor_bytes']} bytes)"}]
+                        f"{size['factor_bytes']} bytes)"},
+             {"goal": "GPTQ INT4 better (test perplexity) than min/max INT4",
+              "status": "PASS" if wo[1]["ppl"] < wo[0]["ppl"] else "FAIL",
+              "detail": f"GPTQ {wo[1]['ppl']:.4f} ({100 * wo[1]['rel']:+.2f}%) vs min/max {wo[0]['ppl']:.4f} "
+                        f"({100 * wo[0]['rel']:+.2f}%), group 32, symmetric, {GPTQ_BATCHES} calibration batches"}]
     print()
     for g in goals:
         print(f"{g['status']}: {g['goal']} -- {g['detail']}")
@@ -120,8 +154,9 @@ def main() -> None:
            "machine": {"cpu": _cpu_name(), "python": platform.python_version()}, "threads": torch.get_num_threads(),
            "kv_cache": {"model": "gpt_shakespeare", "calib_batches": CALIB_BATCHES,
                         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "bytes": size},
+           "weight_only": {"model": "gpt_shakespeare", "gptq_batches": GPTQ_BATCHES, "rows": wo},
            "not_yet_measured": ["MiniLM sentence embeddings: dynamic INT8, W8A8 with/without DMQ, weight-only, peers",
-                                "GPT W8A8 with DMQ, weight-only INT4 min/max vs GPTQ"],
+                                "GPT W8A8 with DMQ"],
            "goals": goals, "failures": [g["goal"] for g in goals if g["status"] != "PASS"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transformers.json").write_text(json.dumps(out, indent=1, default=str))

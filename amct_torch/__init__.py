@@ -38,7 +38,7 @@ from .config import (ChannelPruneConfig, ChannelSearchConfig, ClusterConfig, Con
                      QuantConfig, Targeting, WeightOnlyConfig)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
-from .quant import (CalibrationError, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize,
+from .quant import (CalibrationError, balance, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize,
                     quantize_weight_only)
 from .sparsity import prune_channels, prune_magnitude, search_channel_pruning, shrink
 from .analysis import CompressionReport, compression_report
@@ -50,7 +50,7 @@ from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLos
                      create_quant_retrain_config, create_quant_retrain_model, quantize_model,
                      restore_compressed_retrain_model, restore_prune_retrain_model, restore_quant_retrain_model,
                      save_compressed_retrain_model, save_model, save_prune_retrain_model, save_quant_retrain_model,
-                     QuantCalibrationOp, create_quant_cali_config, create_quant_cali_model)
+                     QuantCalibrationOp, create_quant_cali_config, create_quant_cali_model, quantize_preprocess)
 
 __version__ = "0.1.0"
 
@@ -69,4 +69,4 @@ __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "Pe
            "restore_prune_retrain_model", "save_prune_retrain_model", "auto_channel_prune_search", "SensitivityBase",
            "TaylorLossSensitivity", "SearchChannelBase", "GreedySearch", "create_compressed_retrain_model",
            "restore_compressed_retrain_model", "save_compressed_retrain_model", "create_quant_cali_config",
-           "create_quant_cali_model", "QuantCalibrationOp", "__version__"]
+           "create_quant_cali_model", "QuantCalibrationOp", "quantize_preprocess", "balance", "__version__"]

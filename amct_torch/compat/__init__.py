@@ -4,6 +4,7 @@ from .prune import (GreedySearch, PruneReport, SearchChannelBase, SensitivityBas
                     auto_channel_prune_search, create_compressed_retrain_model, create_prune_retrain_model,
                     restore_compressed_retrain_model, restore_prune_retrain_model, save_compressed_retrain_model,
                     save_prune_retrain_model)
+from .balance import quantize_preprocess
 from .kvcache import QuantCalibrationOp, create_quant_cali_config, create_quant_cali_model
 from .ptq import create_quant_config, quantize_model, save_model
 from .qat import (create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model,
@@ -14,4 +15,5 @@ __all__ = ["create_quant_config", "quantize_model", "save_model", "create_quant_
            "create_prune_retrain_model", "restore_prune_retrain_model", "save_prune_retrain_model",
            "auto_channel_prune_search", "SensitivityBase", "TaylorLossSensitivity", "SearchChannelBase", "GreedySearch",
            "PruneReport", "create_compressed_retrain_model", "restore_compressed_retrain_model",
-           "save_compressed_retrain_model", "create_quant_cali_config", "create_quant_cali_model", "QuantCalibrationOp"]
+           "save_compressed_retrain_model", "create_quant_cali_config", "create_quant_cali_model", "QuantCalibrationOp",
+           "quantize_preprocess"]

@@ -2,6 +2,7 @@
 weight-only quantization (per-group min/max and GPTQ)."""
 
 from .adaround import AdaRoundWeightQuantizer, optimize_rounding
+from .balance import BalanceScale, InputBalance, balance, balance_factors, dmq_factors
 from .calibrators import (CALIBRATORS, Calibrator, HFMGCalibrator, IFMRCalibrator, MinMaxCalibrator, MSECalibrator,
                           PercentileCalibrator, make_calibrator)
 from .formulas import dequantize, fake_quantize, qrange, quantize as quantize_tensor, scale_offset
@@ -20,4 +21,5 @@ __all__ = ["AdaRoundWeightQuantizer", "optimize_rounding", "CALIBRATORS", "Calib
            "CalibrationError", "prepare_qat", "freeze_bn_stats", "freeze_quantizers", "learned_ranges", "qat_quantizers",
            "ArqRetrainWeightQuantizer", "LearnedActivationQuantizer", "LsqActivationQuantizer", "LsqWeightQuantizer",
            "UlqActivationQuantizer", "UlqWeightQuantizer", "GroupWeightQuantizer", "gptq_quantize", "group_scale_offset",
-           "quantize_weight_only", "weight_only_quantizers"]
+           "quantize_weight_only", "weight_only_quantizers", "BalanceScale", "InputBalance", "balance", "balance_factors",
+           "dmq_factors"]

@@ -214,7 +214,8 @@ def place_quantizers(model: nn.Module, graph: CapturedGraph, plan: Plan, layers:
     # step 3: ties, for layer inputs and for quantizers after grid-keeping ops
     for name, layer in layers.items():
         q, calls = layer.input_quantizer, graph.calls_of(name)
-        if isinstance(q, ActivationQuantizer) and len(calls) == 1 and calls[0].inputs:
+        balanced = getattr(layer, "input_balance", None) is not None  # its input is x / s: not on the source's grid
+        if isinstance(q, ActivationQuantizer) and len(calls) == 1 and calls[0].inputs and not balanced:
             src = _grid_source(view, calls[0].inputs[0], quantizer_of)
             if src is not None and src is not q and src.bits == q.bits:
                 q.tie(src)

@@ -57,7 +57,8 @@ def quant_layers(model: nn.Module) -> dict[str, CompressedLayer]:
 
 def refuse_requantizing(name: str, layer: CompressedLayer) -> None:
     """A layer an earlier pass already quantized is not quantized again (quantize or prepare once)."""
-    if weight_quantizer(layer) is not None or layer.input_quantizer is not None:
+    weight_only = any(type(s).__name__ == "GroupWeightQuantizer" for s in layer.weight_pipeline or ())
+    if weight_quantizer(layer) is not None or layer.input_quantizer is not None or weight_only:
         raise ConfigError(f"layer {name!r}", "already quantized", "a float or pruned/clustered layer (quantize once)")
 
 
@@ -130,6 +131,9 @@ def quantize(model: nn.Module, config: QuantConfig | Targeting | None = None, ex
         folded = fold_plan.layers
     model, plan = swap_layers(model, targeting, graph=graph, attach=_attach, inplace=True, title="quantize",
                               reuse_wrapped=True)
+    from .balance import balance_on_calibration  # DMQ (dmq_balancer_param): factors from the first calibration batch
+
+    balance_on_calibration(model)
     if quantize_outputs == "auto":
         layers = quant_layers(model)
         configs = {n: m.quant_config for n, m in layers.items() if getattr(m, "quant_config", None) is not None}
@@ -232,6 +236,8 @@ def _adaround(layer: CompressedLayer, inputs: list[torch.Tensor]) -> dict[str, f
     w = layer.module.weight
     for s in pipeline[:pipeline.index(stage)]:
         w = s(w)
+    if getattr(layer, "input_balance", None) is not None:  # the op sees x / s (DMQ)
+        inputs = [layer.input_balance(x) for x in inputs]
     quantized = [layer.input_quantizer(x) if layer.input_quantizer is not None else x for x in inputs]
     op = lambda x, weight: layer._op(x, weight)  # noqa: E731
     stats = optimize_rounding(stage, w, op, inputs, quantized, num_iteration=cfg.ada_num_iteration,

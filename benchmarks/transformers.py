@@ -1,5 +1,5 @@
-"""Transformers benchmark, KV-cache and weight-only parts (issue 7; the MiniLM, dynamic and DMQ parts join
-it as they are built).
+"""Transformers benchmark on the Shakespeare GPT: KV cache, weight-only, W8A8 with and without DMQ (issue 7;
+the MiniLM part and dynamic quantization join it as they are built).
 
 The Shakespeare GPT reference model (transformers GPT-2, 4 layers x 128, character vocabulary, context 64),
 test perplexity over the test split's windows:
@@ -11,7 +11,9 @@ test perplexity over the test split's windows:
 
 * ``weight-only INT4 g32 minmax`` / ``gptq``: every Linear / Conv1D (attention, MLP, the tied LM head) with
   4-bit symmetric weights, one scale per 32 input columns, by min/max or GPTQ on ``GPTQ_BATCHES`` training
-  batches (``quantize_weight_only``); goal: GPTQ better than min/max.
+  batches (``quantize_weight_only``); goal: GPTQ better than min/max;
+* ``W8A8 static`` / ``+ DMQ a=0.5``: ``quantize`` + ``calibrate`` (HFMG, ``CALIB_BATCHES``) of every Linear /
+  Conv1D, without and after ``balance`` on the same batches; goal: DMQ better than without.
 
 KV-cache bytes at 1k tokens: one prefill of 16 windows x 64 tokens (1,024 cached tokens per layer) into a
 transformers ``DynamicCache`` (fp32) and into our ``QuantizedKVCache`` (INT8 codes + factors), against the
@@ -40,11 +42,12 @@ from amct_torch.kvcache import QuantizedKVCache, calibrate_kv_cache, fake_quant_
 from amct_torch.zoo import pretrained, reference_datamodule
 from amct_torch.zoo.tasks import evaluate_perplexity
 
-from .ptq import _cpu_name
+from .ptq import _cpu_name, _quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_BATCHES = 4
 GPTQ_BATCHES = 8
+DMQ_ALPHA = 0.5
 GOAL_PPL_REL = 0.01
 GOAL_BYTES = 0.5
 
@@ -113,6 +116,27 @@ def weight_only_rows(model: torch.nn.Module, dm: Any, base_ppl: float) -> list[d
     return rows
 
 
+def w8a8_rows(model: torch.nn.Module, dm: Any, base_ppl: float) -> list[dict[str, Any]]:
+    """Static W8A8 PTQ of every Linear / Conv1D (HFMG activations, per-channel ARQ weights), without and
+    with DMQ balancing (statistics over the same calibration batches)."""
+    test = dm.test_dataloader()
+    calib = dm.calibration_batches(CALIB_BATCHES)
+    x = dm.example_input(1)
+    rows = []
+    for alpha in (None, DMQ_ALPHA):
+        t = time.perf_counter()
+        with _quiet():
+            src = model if alpha is None else amct_torch.balance(model, x, calib, alpha)
+            q = amct_torch.quantize(src, amct_torch.QuantConfig(activation_calibrator="hfmg", batch_num=CALIB_BATCHES), x)
+            amct_torch.calibrate(q, calib, progress=False)
+        with torch.no_grad():
+            ppl = evaluate_perplexity(q, test)
+        rows.append({"method": "W8A8 static" + ("" if alpha is None else f" + DMQ a={alpha}"), "ppl": ppl,
+                     "rel": ppl / base_ppl - 1, "build_s": round(time.perf_counter() - t, 1),
+                     "layers": len(amct_torch.quant.quant_layers(q))})
+    return rows
+
+
 def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -123,13 +147,14 @@ def main() -> None:
     rows = kv_rows(model, dm)
     best = min(rows[1:], key=lambda r: r["ppl"])
     wo = weight_only_rows(model, dm, rows[0]["ppl"])
+    w8 = w8a8_rows(model, dm, rows[0]["ppl"])
     per_tensor = next(r for r in rows if r["method"] == "KV INT8 per_tensor ifmr")
     size = cache_bytes(model, dm, per_tensor["_cal"])
     print(render_table(["method", "test ppl", "vs fp32", "calib s"],
                        [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r.get("calib_s", "-")) for r in rows]))
     print()
     print(render_table(["method", "test ppl", "vs fp32", "build s"],
-                       [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r["build_s"]) for r in wo]))
+                       [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r["build_s"]) for r in wo + w8]))
     print(f"\nKV cache at {size['tokens']} tokens: fp32 {size['fp32_bytes']:,} B, fp16 {size['fp16_bytes']:,} B, "
           f"INT8 {size['int8_bytes']:,} B ({size['int8_over_fp16']:.4f}x fp16)")
     goals = [{"goal": f"KV INT8 perplexity within {100 * GOAL_PPL_REL:g}% of fp32 (per tensor, IFMR: AMCT's default)",
@@ -142,6 +167,10 @@ def main() -> None:
               "detail": f"codes {size['codes_over_fp16']:.4f}x fp16; with the factors {size['int8_over_fp16']:.5f}x "
                         f"({size['int8_bytes']:,} vs {size['fp16_bytes']:,} bytes at {size['tokens']} tokens; factors "
                         f"{size['factor_bytes']} bytes)"},
+             {"goal": "DMQ measurably better than no DMQ on W8A8 (test perplexity)",
+              "status": "PASS" if w8[1]["ppl"] < w8[0]["ppl"] else "FAIL",
+              "detail": f"with DMQ {w8[1]['ppl']:.4f} ({100 * w8[1]['rel']:+.3f}%) vs without {w8[0]['ppl']:.4f} "
+                        f"({100 * w8[0]['rel']:+.3f}%), {w8[0]['layers']} layers, HFMG, {CALIB_BATCHES} batches"},
              {"goal": "GPTQ INT4 better (test perplexity) than min/max INT4",
               "status": "PASS" if wo[1]["ppl"] < wo[0]["ppl"] else "FAIL",
               "detail": f"GPTQ {wo[1]['ppl']:.4f} ({100 * wo[1]['rel']:+.2f}%) vs min/max {wo[0]['ppl']:.4f} "
@@ -155,8 +184,9 @@ def main() -> None:
            "kv_cache": {"model": "gpt_shakespeare", "calib_batches": CALIB_BATCHES,
                         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "bytes": size},
            "weight_only": {"model": "gpt_shakespeare", "gptq_batches": GPTQ_BATCHES, "rows": wo},
+           "w8a8": {"model": "gpt_shakespeare", "dmq_alpha": DMQ_ALPHA, "rows": w8},
            "not_yet_measured": ["MiniLM sentence embeddings: dynamic INT8, W8A8 with/without DMQ, weight-only, peers",
-                                "GPT W8A8 with DMQ"],
+                                ],
            "goals": goals, "failures": [g["goal"] for g in goals if g["status"] != "PASS"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transformers.json").write_text(json.dumps(out, indent=1, default=str))

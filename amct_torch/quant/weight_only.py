@@ -58,7 +58,7 @@ from ..graph import capture, swap_layers
 from ..graph.plan import LayerPlan
 from ..nn import CompressedLayer, CompressedLinear, CompressedConv1D, wrapper_for
 from .formulas import channel_major, fake_quantize, from_channel_major, qrange, scale_offset
-from .ptq import refuse_requantizing
+from .ptq import _batches, refuse_requantizing
 from .quantizers import CalibrationError
 
 __all__ = ["GroupWeightQuantizer", "quantize_weight_only", "group_scale_offset", "gptq_quantize",
@@ -259,19 +259,6 @@ def gptq_quantize(rows: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(torch.int8), scale, offset, float(loss)
-
-
-def _batches(data: Any) -> Iterable[tuple[tuple, dict]]:
-    if isinstance(data, torch.Tensor):
-        yield (data,), {}
-        return
-    for batch in data:
-        if isinstance(batch, dict):
-            yield (), batch
-        elif isinstance(batch, (list, tuple)):
-            yield (batch[0],), {}
-        else:
-            yield (batch,), {}
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ which keeps tied weights such as GPT-2's ``lm_head``/``wte`` intact). Activation
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -29,6 +29,7 @@ Weights are int8 symmetric, per output channel (AMCT's ARQ scales, an :class:`Ar
 from __future__ import annotations
 
 import copy
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
@@ -164,7 +165,7 @@ def _int8_rows(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.
     return q, scale.clone()
 
 
-class DynamicQuantRNN(nn.Module):
+class DynamicQuantRNN(nn.Module, metaclass=ABCMeta):
     """Base of the dynamic LSTM/GRU: int8 weights per layer and direction, float biases.
 
     Buffers ``weight_ih_l{k}{_reverse}`` (int8) with ``..._scale`` (one per gate row, or the same for all
@@ -217,12 +218,14 @@ class DynamicQuantRNN(nn.Module):
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    @abstractmethod
     def _cell(self, gi: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, w_hh: torch.Tensor,
               b_hh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """One time step from the input gates ``gi``: the new hidden (and cell) state."""
 
+    @abstractmethod
     def _initial(self, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """The initial hidden (and cell) state, from ``hx`` or zeros."""
 
     def forward(self, x: torch.Tensor, hx: Any = None):
         if isinstance(x, nn.utils.rnn.PackedSequence):

@@ -62,8 +62,7 @@ class FoldedBatchNorm(nn.Module):
         small weight equals dividing the large output, and costs nothing in the backward pass)."""
         shape = [1] * folded.dim()
         shape[axis] = -1
-        factor = self.__dict__.pop("_factor_of_this_forward", None)  # set by BatchNormScale just before
-        return folded / (self.factor() if factor is None else factor).view(shape)
+        return folded / self.factor().view(shape)
 
     def apply_after_conv(self, y: torch.Tensor, conv_bias: torch.Tensor | None) -> torch.Tensor:
         """Frozen or eval: ``y`` is the folded conv's output without bias; adds the folded bias (exactly
@@ -94,9 +93,7 @@ class BatchNormScale(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         shape = [1] * weight.dim()
         shape[self.axis] = -1
-        factor = self.bn.factor()
-        self.bn.__dict__["_factor_of_this_forward"] = factor  # the conv divides it out again (unfold_weight)
-        return weight * factor.view(shape)
+        return weight * self.bn.factor().view(shape)
 
     def extra_repr(self) -> str:
         return f"folded {self.bn.bn_type}"

@@ -42,3 +42,22 @@ def test_live_folded_pair_equals_conv_then_batch_norm(bias):
     folded.eval(), fbn.eval(), ref_conv.eval(), ref_bn.eval()
     with torch.no_grad():
         assert torch.allclose(folded(x), ref_bn(ref_conv(x)), atol=1e-5)
+
+
+def test_a_qat_model_deep_copies_after_training_and_eval_forwards():
+    """Nothing computed in a forward (a non-leaf tensor) may stay on the modules: deepcopy (export, the
+    Lightning callbacks, DataParallel) would fail on it."""
+    import amct_torch
+    from amct_torch import QatConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    q = amct_torch.prepare_qat(model, QatConfig(batch_num=1), x)
+    q.train()
+    q(x).sum().backward()
+    q.eval()
+    q(x)
+    with torch.no_grad():
+        q[0].effective_weight()
+    copy.deepcopy(q)

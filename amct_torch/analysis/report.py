@@ -185,11 +185,7 @@ def _counted_weight(layer: CompressedLayer) -> tuple[torch.Tensor, int]:
     if stage is None:
         w = layer.effective_weight()
         return w, (torch.finfo(w.dtype).bits if w.is_floating_point() else torch.iinfo(w.dtype).bits)
-    w = layer.module.weight
-    for s in layer.weight_pipeline:  # the stages before the quantizer feed it
-        if s is stage:
-            break
-        w = s(w)
+    w = layer.weight_pipeline.input_of(stage, layer.module.weight)  # the stages before the quantizer feed it
     fake = stage(w)  # learned stages refresh their scale here
     scale = stage.broadcast(stage.scale, fake.shape)
     offset = stage.broadcast(stage.offset, fake.shape).to(fake.dtype)

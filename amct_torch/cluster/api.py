@@ -17,6 +17,7 @@ says so), since per-channel scales would map one centroid to up to one value per
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,16 +81,14 @@ def cluster_weights(model: nn.Module, config: ClusterConfig | Targeting | None =
         raise ValueError("cluster_weights: the model is prepared for QAT (its BatchNorms train folded); cluster "
                          "before quantization-aware training, then prepare_qat the clustered model")
     was_training = model.training
-    model, _ = fold_batch_norm(model.eval() if inplace else _eval_copy(model), example_inputs, inplace=True)
+    model, _ = fold_batch_norm(model.eval() if inplace else copy.deepcopy(model).eval(), example_inputs, inplace=True)
 
     def attach(name: str, layer: CompressedLayer, cfg: Config) -> None:
         if not isinstance(cfg, ClusterConfig):
             raise TypeError(f"cluster_weights: layer {name!r} got {type(cfg).__name__}; allowed: ClusterConfig")
         i = _pre_quant_index(layer)
         with torch.no_grad():
-            w = layer.module.weight
-            for stage in list(layer.weight_pipeline)[:i]:
-                w = stage(w)
+            w = layer.weight_pipeline.input_of(i, layer.module.weight)
         groups = getattr(layer.module, "groups", 1) if layer.weight_channel_axis == 1 else 1
         layer.weight_pipeline.insert(i, ClusterStage(w, cfg, layer.weight_channel_axis, groups, cluster_now=not defer))
 
@@ -99,12 +98,6 @@ def cluster_weights(model: nn.Module, config: ClusterConfig | Targeting | None =
     if verbose:
         print(model.amct_cluster_plan)
     return model
-
-
-def _eval_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).eval()
 
 
 def clustered_layers(model: nn.Module) -> dict[str, CompressedLayer]:
@@ -131,12 +124,7 @@ def activate_clusters(model: nn.Module) -> list[str]:
 
 
 def _stage_input(layer: CompressedLayer, stage: nn.Module) -> torch.Tensor:
-    w = layer.module.weight
-    for s in layer.weight_pipeline:
-        if s is stage:
-            return w
-        w = s(w)
-    raise ValueError("stage not in the layer's pipeline")
+    return layer.weight_pipeline.input_of(stage, layer.module.weight)
 
 
 @torch.no_grad()

@@ -220,12 +220,9 @@ def create_quant_cali_model(config_file: str | os.PathLike, record_file: str | o
                 _write_entry(record_file, name, *observer.factors(name))
                 written.add(name)
         if all(n in written for n in by_module[path]):
-            handle = handles.pop(path, None)
-            if handle is not None:
-                handle.remove()
+            observer.detach(path)  # that layer is done: later batches are not observed
 
     observer.attach(model, tensors.values(), on_module)
-    handles = {t.module: h for t, h in zip(_unique_modules(tensors.values()), observer._handles)}
     if os.path.isfile(record_file):
         rec = read_record(record_file)
         for name in tensors:
@@ -233,15 +230,6 @@ def create_quant_cali_model(config_file: str | os.PathLike, record_file: str | o
         write_record(rec, record_file)
     model.amct_kv_observer = observer
     return model
-
-
-def _unique_modules(tensors: Any) -> list[KVTensor]:
-    seen, out = set(), []
-    for t in tensors:
-        if t.module not in seen:
-            seen.add(t.module)
-            out.append(t)
-    return out
 
 
 class QuantCalibrationOp(nn.Module):

@@ -236,9 +236,7 @@ class _ExportLinear(nn.Module):
         super().__init__()
         stage = next(s for s in layer.weight_pipeline if isinstance(s, ArqWeightQuantizer))
         with torch.no_grad():
-            pre = layer.module.weight
-            for s in layer.weight_pipeline[:list(layer.weight_pipeline).index(stage)]:
-                pre = s(pre)
+            pre = layer.weight_pipeline.input_of(stage, layer.module.weight)
             w_q = stage.integer_weight(pre)
             if layer.weight_channel_axis == 0:  # Linear (out, in) -> (in, out); Conv1D is (in, out) already
                 w_q = w_q.T

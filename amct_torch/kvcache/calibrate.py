@@ -34,7 +34,8 @@ from ..config.kvcache import KVCacheConfig
 from ..config.record import KVCacheRecord
 from ..graph.plan import render_table
 from ..quant.calibrators import Calibrator, make_calibrator
-from ..quant.formulas import qrange, scale_offset
+from ..quant.formulas import dequantize, quantize, scale_offset
+from ..quant.ptq import _batches
 
 __all__ = ["KVTensor", "KVCalibration", "KVObserver", "kv_projections", "calibrate_kv_cache", "fake_quant_kv",
            "quantize_kv", "dequantize_kv"]
@@ -133,14 +134,6 @@ class KVCalibration:
         return f"{self.config.short()}, {self.batches} batches\n{self.table()}"
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
-
-
 class KVObserver:
     """Calibrators of key/value tensors: one per tensor, or one per channel (the last axis).
 
@@ -154,7 +147,7 @@ class KVObserver:
         self.configs = configs
         self.calibrators: dict[str, list[Calibrator]] = {}
         self.seen: dict[str, int] = {}
-        self._handles: list[Any] = []
+        self._handles: dict[str, Any] = {}  # module path -> forward hook
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         cfg = self.configs[name]
@@ -194,13 +187,24 @@ class KVObserver:
                     on_module(path)
             return hook
 
-        self._handles += [modules[p].register_forward_hook(hook_for(p, ts)) for p, ts in by_module.items()]
+        for p, ts in by_module.items():
+            self._handles[p] = modules[p].register_forward_hook(hook_for(p, ts))
         return self
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def detach(self, module: str | None = None) -> None:
+        """Stop observing one projection (its module path), or all of them."""
+        for p in [module] if module is not None else list(self._handles):
+            handle = self._handles.pop(p, None)
+            if handle is not None:
+                handle.remove()
+
+    def calibration(self, config: KVCacheConfig, tensors: Iterable[KVTensor], batches: int) -> "KVCalibration":
+        """The factors of ``tensors`` from what was observed, as a :class:`KVCalibration`."""
+        tensors = list(tensors)
+        cal = KVCalibration(config, {t.name: t for t in tensors}, batches=batches)
+        for t in tensors:
+            cal.scale[t.name], cal.offset[t.name] = self.factors(t.name)
+        return cal
 
 
 def calibrate_kv_cache(model: nn.Module, data: Iterable[Any], config: KVCacheConfig | None = None) -> KVCalibration:
@@ -220,8 +224,8 @@ def calibrate_kv_cache(model: nn.Module, data: Iterable[Any], config: KVCacheCon
     try:
         model.eval()
         with torch.no_grad():
-            for batch in data:
-                _call(model, batch)
+            for args, kwargs in _batches(data):
+                model(*args, **kwargs)
                 seen += 1
                 if seen >= config.batch_num:
                     break
@@ -230,22 +234,16 @@ def calibrate_kv_cache(model: nn.Module, data: Iterable[Any], config: KVCacheCon
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate_kv_cache: data yielded no batch")
-    cal = KVCalibration(config, {t.name: t for t in tensors}, batches=seen)
-    for t in tensors:
-        cal.scale[t.name], cal.offset[t.name] = observer.factors(t.name)
-    return cal
+    return observer.calibration(config, tensors, seen)
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (int8) of ``x`` whose last axis holds the channels (or any shape with one factor)."""
-    qmin, qmax = qrange(bits)
-    s, o = scale.to(x.device, torch.float32), offset.to(x.device, torch.float32)
-    return torch.clamp(torch.round(x.float() / s + o), qmin, qmax).to(torch.int8)
+    return quantize(x.float(), scale.to(x.device, torch.float32), offset.to(x.device), bits).to(torch.int8)
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    s, o = scale.to(q.device, torch.float32), offset.to(q.device, torch.float32)
-    return ((q.float() - o) * s).to(dtype)
+    return dequantize(q.float(), scale.to(q.device, torch.float32), offset.to(q.device)).to(dtype)
 
 
 @contextlib.contextmanager

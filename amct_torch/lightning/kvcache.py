@@ -17,19 +17,17 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
 from ..config.kvcache import KVCacheConfig
 from ..kvcache import KVCalibration, KVObserver, fake_quant_kv, kv_projections
-from ._common import network, parse_config
+from ..zoo.tasks import evaluate_perplexity
+from ._common import batches_on, network, parse_config
 
 __all__ = ["KVCacheCalibration"]
 
@@ -78,9 +76,8 @@ class KVCacheCalibration(Callback):
             return
         self._observer.detach()
         model = network(pl_module, self.attr, "KVCacheCalibration")
-        cal = KVCalibration(self.config, self._tensors, batches=min(len(self._batches), self.config.batch_num))
-        for name in self._tensors:
-            cal.scale[name], cal.offset[name] = self._observer.factors(name)
+        cal = self._observer.calibration(self.config, self._tensors.values(),
+                                         min(len(self._batches), self.config.batch_num))
         self.calibration, self._observer = cal, None
         if self.record_file is not None and trainer.is_global_zero:
             cal.write(self.record_file)
@@ -92,15 +89,8 @@ class KVCacheCalibration(Callback):
         pl_module.log("kv/ppl_rel", int8 / fp32 - 1, sync_dist=True)
         self._batches = []
 
-    @torch.no_grad()
     def _perplexity(self, model: torch.nn.Module, pl_module: L.LightningModule) -> float:
-        nll, count = 0.0, 0
-        for batch in self._batches:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ValueError("KVCacheCalibration: validation batches must be (ids, targets) pairs")
-            x, y = move_data_to_device(batch, pl_module.device)
-            out = model(x)
-            logits = getattr(out, "logits", out)
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-            count += y.numel()
-        return math.exp(nll / max(count, 1))
+        if not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in self._batches):
+            raise ValueError("KVCacheCalibration: validation batches must be (ids, targets) pairs")
+        with torch.no_grad():
+            return evaluate_perplexity(model, batches_on(self._batches, pl_module.device))

@@ -35,6 +35,20 @@ class WeightPipeline(nn.ModuleList):
             weight = stage(weight)
         return weight
 
+    def input_of(self, stage: nn.Module | int, weight: torch.Tensor) -> torch.Tensor:
+        """What ``stage`` (a stage of this pipeline, or an index: the stages before it) receives when the
+        pipeline runs on ``weight``."""
+        stages = list(self)
+        if isinstance(stage, int):
+            end = stage
+        else:
+            end = next((i for i, s in enumerate(stages) if s is stage), None)
+            if end is None:
+                raise ValueError(f"{type(stage).__name__} is not a stage of this pipeline")
+        for s in stages[:end]:
+            weight = s(weight)
+        return weight
+
     def extra_repr(self) -> str:
         return "" if len(self) else "(empty)"
 

@@ -222,12 +222,9 @@ def _quant_stage_index(layer: CompressedLayer) -> int | None:
 
 def _pre_quant_weight(layer: CompressedLayer) -> torch.Tensor:
     """The weight as the balance stage receives it: ``module.weight`` through the stages before it."""
+    stage = _balance_stage(layer)
     w = layer.module.weight
-    for s in layer.weight_pipeline:
-        if isinstance(s, BalanceScale):
-            return w
-        w = s(w)
-    return w
+    return layer.weight_pipeline(w) if stage is None else layer.weight_pipeline.input_of(stage, w)
 
 
 def attach_balance(name: str, layer: CompressedLayer, alpha: float, *, auto_finalize: bool = False) -> InputBalance:
@@ -272,9 +269,7 @@ def _refit_weight_quantizer(layer: CompressedLayer) -> None:
     i = _quant_stage_index(layer)
     if i is None:
         return
-    w = layer.module.weight
-    for s in list(layer.weight_pipeline)[:i]:
-        w = s(w)
+    w = layer.weight_pipeline.input_of(i, layer.module.weight)
     stage = layer.weight_pipeline[i]
     with torch.no_grad():
         stage.calibrate(w.detach())

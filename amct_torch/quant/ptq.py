@@ -232,10 +232,7 @@ def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, *, pr
 def _adaround(layer: CompressedLayer, inputs: list[torch.Tensor]) -> dict[str, float]:
     stage = weight_quantizer(layer)
     cfg: QuantConfig = stage.config
-    pipeline = list(layer.weight_pipeline)
-    w = layer.module.weight
-    for s in pipeline[:pipeline.index(stage)]:
-        w = s(w)
+    w = layer.weight_pipeline.input_of(stage, layer.module.weight)
     if getattr(layer, "input_balance", None) is not None:  # the op sees x / s (DMQ)
         inputs = [layer.input_balance(x) for x in inputs]
     quantized = [layer.input_quantizer(x) if layer.input_quantizer is not None else x for x in inputs]

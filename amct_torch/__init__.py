@@ -23,7 +23,10 @@ Quantization-aware training::
 AMCT scripts keep working with ``import amct_torch as amct`` (create_quant_config, quantize_model,
 save_model; create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model,
 save_quant_retrain_model; create/restore/save_prune_retrain_model, auto_channel_prune_search;
-create/restore/save_compressed_retrain_model). The structural passes::
+create/restore/save_compressed_retrain_model; auto_decomposition, decompose_network (also from
+amct_torch.tensor_decompose); create_distill_config, create_distill_model, distill, save_distill_model;
+accuracy_based_auto_calibration with AutoCalibrationEvaluatorBase (also from amct_torch.common.auto_calibration)).
+The structural passes::
 
     from amct_torch import capture, fold_batch_norm, swap_layers, QuantConfig, Targeting
 
@@ -33,7 +36,7 @@ create/restore/save_compressed_retrain_model). The structural passes::
     print(plan)
 """
 
-from .config import (ChannelPruneConfig, ChannelSearchConfig, ClusterConfig, Config, ConfigError, Granularity,
+from .config import (AutoCalibrationConfig, DecomposeConfig, DistillConfig, ChannelPruneConfig, ChannelSearchConfig, ClusterConfig, Config, ConfigError, Granularity,
                      DynamicQuantConfig, KVCacheConfig, MagnitudeConfig, NMConfig, PerChannel, PerGroup, PerTensor, PerToken, QatConfig,
                      QuantConfig, Targeting, WeightOnlyConfig)
 from .graph import CapturedGraph, Plan, capture, fold_batch_norm, swap_layers
@@ -41,6 +44,10 @@ from .nn import CompressedLayer, register_wrapper
 from .quant import (CalibrationError, balance, calibrate, freeze_bn_stats, freeze_quantizers, prepare_qat, quantize,
                     quantize_dynamic, quantize_weight_only)
 from .sparsity import prune_channels, prune_magnitude, search_channel_pruning, shrink
+from .quant.auto_calibration import AutoCalibrationResult, auto_calibrate, layer_sensitivity
+from .decompose import apply_decomposition_info, decompose, plan_decomposition, save_decomposition_info
+from . import distill  # the subpackage, callable as AMCT's distill() (see amct_torch/distill/__init__.py)
+from .distill import BlockwiseLoss, distill_blockwise, find_blocks
 from .analysis import CompressionReport, compression_report
 from .cluster import check_preservation, cluster_weights, reassign_clusters, strip_clustering
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
@@ -51,7 +58,10 @@ from .compat import (GreedySearch, SearchChannelBase, SensitivityBase, TaylorLos
                      create_quant_retrain_config, create_quant_retrain_model, quantize_model,
                      restore_compressed_retrain_model, restore_prune_retrain_model, restore_quant_retrain_model,
                      save_compressed_retrain_model, save_model, save_prune_retrain_model, save_quant_retrain_model,
-                     QuantCalibrationOp, create_quant_cali_config, create_quant_cali_model, quantize_preprocess)
+                     QuantCalibrationOp, create_quant_cali_config, create_quant_cali_model, quantize_preprocess,
+                     AutoCalibrationEvaluatorBase, accuracy_based_auto_calibration, auto_decomposition,
+                     decompose_network, DistillSampleBase, ModelSingleTensorInput, create_distill_config,
+                     create_distill_model, save_distill_model)
 
 __version__ = "0.1.0"
 
@@ -70,4 +80,9 @@ __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "Pe
            "restore_prune_retrain_model", "save_prune_retrain_model", "auto_channel_prune_search", "SensitivityBase",
            "TaylorLossSensitivity", "SearchChannelBase", "GreedySearch", "create_compressed_retrain_model",
            "restore_compressed_retrain_model", "save_compressed_retrain_model", "create_quant_cali_config",
-           "create_quant_cali_model", "QuantCalibrationOp", "quantize_preprocess", "balance", "__version__"]
+           "create_quant_cali_model", "QuantCalibrationOp", "quantize_preprocess", "balance", "AutoCalibrationConfig", "AutoCalibrationResult", "auto_calibrate",
+           "layer_sensitivity", "accuracy_based_auto_calibration", "AutoCalibrationEvaluatorBase", "DecomposeConfig",
+           "decompose", "plan_decomposition", "save_decomposition_info", "apply_decomposition_info",
+           "auto_decomposition", "decompose_network", "DistillConfig", "distill", "distill_blockwise", "find_blocks",
+           "BlockwiseLoss", "create_distill_config", "create_distill_model", "save_distill_model", "DistillSampleBase",
+           "ModelSingleTensorInput", "__version__"]

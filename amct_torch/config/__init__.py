@@ -1,7 +1,10 @@
 """Typed configs, granularities and targeting (global -> module type -> module name)."""
 
+from .auto_calibration import AutoCalibrationConfig
 from .base import Config, ConfigError
 from .cluster import ClusterConfig
+from .decompose import DecomposeConfig
+from .distill import DistillConfig
 from .dynamic import DynamicQuantConfig
 from .kvcache import KVCacheConfig
 from .weight_only import WeightOnlyConfig
@@ -14,7 +17,7 @@ from .targeting import Resolution, Targeting
 
 __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "PerTensor", "PerToken",
            "parse_granularity", "ClusterConfig", "DynamicQuantConfig", "KVCacheConfig", "WeightOnlyConfig", "ChannelPruneConfig", "ChannelSearchConfig", "QatConfig", "QAT_BIT_WIDTHS", "QuantConfig", "MagnitudeConfig", "NMConfig", "Resolution",
-           "Targeting"]
+           "Targeting", "AutoCalibrationConfig", "DecomposeConfig", "DistillConfig"]
 
 # AMCT file formats: PTQ JSON, simplified .cfg (protobuf text), QAT JSON and retrain .cfg, record file.
 from .amct_cfg import CalibrationCfg, read_calibration_cfg, resolve_layer_configs, write_calibration_cfg

@@ -2,6 +2,7 @@
 
 The schemas of AMCT's ``calibration_config_pytorch.proto`` (the simplified ``.cfg`` of PTQ),
 ``retrain_config_pytorch.proto`` (the simplified ``.cfg`` of QAT, pruning and combined compression),
+``distill_config_pytorch.proto`` (the simplified ``.cfg`` of block-wise distillation),
 ``scale_offset_record_pytorch.proto`` (the record file of quantization factors) and the ``AttrProto``
 (used by prune records) and ``AutoChannelPruneConfig`` (the auto channel-prune search's config) of
 ``basic_info.proto`` (package ``AMCTProto``) are written out here as
@@ -49,6 +50,9 @@ __all__ = [
     "PruneNode", "AttrProto", "AttributeType", "AutoChannelPruneConfig",
     # quant_calibration_config_pytorch.proto (KV cache)
     "AMCTQuantCaliConfig", "KVCacheQuantConfig", "KVOverrideLayer", "KVDataQuantConfig",
+    # distill_config_pytorch.proto
+    "AMCTDistillConfig", "DistillGroup", "DistillWeightQuantConfig", "DistillOverrideLayer",
+    "DistillOverrideLayerType",
 ]
 
 M = TypeVar("M", bound=message.Message)
@@ -359,9 +363,51 @@ _KV_CALIBRATION = _file(
     ],
 )
 
+# Block-wise distillation config (distill_config_pytorch.proto, package AMCTPytorchDistillProto; the field
+# names and numbers are AMCT's). Its data config (oneof ulq_quantize: ActULQquantize) and the ARQDistill /
+# WtsULQDistill weight messages have the retrain schema's fields, so the retrain messages are reused (text
+# format uses field names only). AMCT's distill DataType has INT4 and INT8: the reused retrain DataType
+# also parses INT16, which the distill readers refuse.
+_DISTILL = _file(
+    "amct_pytorch/proto/distill_config_pytorch.proto", "AMCTPytorchDistillProto",
+    deps=("amct_pytorch/proto/retrain_config_pytorch.proto",),
+    messages=[
+        ("AMCTDistillConfig", [
+            ("optional", "uint32", "batch_num", 1, _d("1")),
+            ("optional", "uint32", "group_size", 2, _d("1")),
+            ("optional", "bool", "data_dump", 3, _d("false")),
+            ("repeated", ".AMCTPytorchDistillProto.DistillGroup", "distill_group", 10),
+            ("optional", ".AMCTRetrain.RetrainDataQuantConfig", "distill_data_quant_config", 11),
+            ("optional", ".AMCTPytorchDistillProto.DistillWeightQuantConfig", "distill_weight_quant_config", 12),
+            ("repeated", ".AMCTPytorchDistillProto.DistillOverrideLayer", "distill_override_layers", 110),
+            ("repeated", ".AMCTPytorchDistillProto.DistillOverrideLayerType", "distill_override_layer_types", 111),
+            ("repeated", "string", "quant_skip_layers", 120),
+            ("repeated", "string", "quant_skip_layer_types", 121),
+        ]),
+        ("DistillGroup", [
+            ("required", "string", "start_layer_name", 1),
+            ("required", "string", "end_layer_name", 2),
+        ]),
+        ("DistillWeightQuantConfig", [
+            ("optional", ".AMCTRetrain.ARQRetrain", "arq_distill", 1, _o("weights_quant_algo")),
+            ("optional", ".AMCTRetrain.WtsULQRetrain", "ulq_distill", 2, _o("weights_quant_algo")),
+        ]),
+        ("DistillOverrideLayer", [
+            ("required", "string", "layer_name", 1),
+            ("optional", ".AMCTRetrain.RetrainDataQuantConfig", "distill_data_quant_config", 10),
+            ("optional", ".AMCTPytorchDistillProto.DistillWeightQuantConfig", "distill_weight_quant_config", 11),
+        ]),
+        ("DistillOverrideLayerType", [
+            ("required", "string", "layer_type", 1),
+            ("optional", ".AMCTRetrain.RetrainDataQuantConfig", "distill_data_quant_config", 10),
+            ("optional", ".AMCTPytorchDistillProto.DistillWeightQuantConfig", "distill_weight_quant_config", 11),
+        ]),
+    ],
+)
+
 #: The private descriptor pool holding AMCT's types (the process-wide default pool is not touched).
 POOL = descriptor_pool.DescriptorPool()
-for _fdp in (_BASIC_INFO, _CALIBRATION, _RETRAIN, _RECORD, _KV_CALIBRATION):
+for _fdp in (_BASIC_INFO, _CALIBRATION, _RETRAIN, _RECORD, _KV_CALIBRATION, _DISTILL):
     POOL.Add(_fdp)
 
 
@@ -412,6 +458,11 @@ KVCacheQuantConfig = _message_class("KVCacheQuantConfig")
 KVOverrideLayer = _message_class("KVOverrideLayer")
 KVDataQuantConfig = _message_class("KVDataQuantConfig")
 AutoChannelPruneConfig = _message_class("AMCTProto.AutoChannelPruneConfig")
+AMCTDistillConfig = _message_class("AMCTPytorchDistillProto.AMCTDistillConfig")
+DistillGroup = _message_class("AMCTPytorchDistillProto.DistillGroup")
+DistillWeightQuantConfig = _message_class("AMCTPytorchDistillProto.DistillWeightQuantConfig")
+DistillOverrideLayer = _message_class("AMCTPytorchDistillProto.DistillOverrideLayer")
+DistillOverrideLayerType = _message_class("AMCTPytorchDistillProto.DistillOverrideLayerType")
 
 
 class _EnumNames:

@@ -69,14 +69,12 @@ from .granularity import PerChannel, PerTensor
 from .qat import QatConfig
 
 __all__ = ["RetrainSettings", "RetrainCfg", "read_retrain_json", "parse_retrain_json", "write_retrain_json",
-           "retrain_json_dict", "read_retrain_cfg", "resolve_retrain_configs", "default_retrain_config"]
+           "retrain_json_dict", "read_retrain_cfg", "resolve_retrain_configs", "default_retrain_config",
+           "LayerSpelling", "RETRAIN_SPELLING", "layer_entries", "read_layer_entry"]
 
 _GLOBAL_KEYS = ("version", "batch_num")
-_LAYER_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
 _DATA_KEYS = ("algo", "dst_type", "clip_max", "clip_min", "fixed_min", "batch_num")
-_WTS_KEYS = ("algo", "weights_retrain_algo", "channel_wise", "dst_type")
 _DATA_ALGOS = {"ulq_quantize": "ulq", "lsq_plus": "lsq_plus"}
-_WTS_ALGOS = {"arq_retrain": "arq_retrain", "ulq_retrain": "ulq_retrain", "lsq_plus": "lsq_plus"}
 _DST_BITS = {"INT4": 4, "INT8": 8, "INT16": 16}
 _BITS_DST = {v: k for k, v in _DST_BITS.items()}
 #: Layer types whose weights are quantized per tensor by default (AMCT: "LinearQAT no channel-wise").
@@ -108,6 +106,43 @@ def _dst_words(err: ConfigError) -> ConfigError:
 
 
 @dataclass(frozen=True)
+class LayerSpelling:
+    """The key names of one layer's entry in a QAT-style JSON: AMCT's QAT JSON (:data:`RETRAIN_SPELLING`)
+    and its distillation JSON (same structure, other names) share the readers and writers below.
+
+    ``weight_algos`` maps each JSON weight ``algo`` to the :class:`QatConfig` ``weight_algorithm``; the
+    ``*_dst`` tuples are the ``dst_type`` values allowed; ``what`` names the file kind in errors.
+    """
+
+    enable: str = "retrain_enable"
+    data: str = "retrain_data_config"
+    weights: str = "retrain_weight_config"
+    weight_algos: tuple[tuple[str, str], ...] = (("arq_retrain", "arq_retrain"), ("ulq_retrain", "ulq_retrain"),
+                                                 ("lsq_plus", "lsq_plus"))
+    weight_alias: str | None = "weights_retrain_algo"
+    data_dst: tuple[str, ...] = ("INT4", "INT8", "INT16")
+    weight_dst: tuple[str, ...] = ("INT4", "INT8")
+    what: str = "AMCT's QAT JSON"
+
+    @property
+    def layer_keys(self) -> tuple[str, ...]:
+        return (self.enable, self.data, self.weights)
+
+    @property
+    def weight_keys(self) -> tuple[str, ...]:
+        return ("algo",) + ((self.weight_alias,) if self.weight_alias else ()) + ("channel_wise", "dst_type")
+
+    def json_path(self, field: str) -> str:
+        """A QatConfig field's key path in this JSON."""
+        path = _JSON_PATHS.get(field, field)
+        return path.replace("retrain_data_config", self.data).replace("retrain_weight_config", self.weights)
+
+
+#: AMCT's QAT JSON
+RETRAIN_SPELLING = LayerSpelling()
+
+
+@dataclass(frozen=True)
 class RetrainSettings(Config):
     """The global keys of AMCT's QAT JSON (``version``, ``batch_num``)."""
 
@@ -133,34 +168,49 @@ def retrain_json_dict(settings: RetrainSettings, layers: Mapping[str, QatConfig 
     if not isinstance(settings, RetrainSettings):
         raise ConfigError("write_retrain_json.settings", settings, "a RetrainSettings")
     out: dict[str, Any] = {"version": settings.version, "batch_num": settings.batch_num}
+    out.update(layer_entries(layers, settings.batch_num, _GLOBAL_KEYS, "write_retrain_json"))
+    return out
+
+
+def layer_entries(layers: Mapping[str, QatConfig | None], batch_num: int, global_keys: tuple[str, ...], who: str,
+                  spelling: LayerSpelling = RETRAIN_SPELLING) -> dict[str, Any]:
+    """The per-layer JSON entries of ``layers`` in ``spelling``; raises if a value has no spelling there."""
+    out: dict[str, Any] = {}
     defaults = QatConfig()
+    algo_names = {ours: json_name for json_name, ours in spelling.weight_algos}
     for name, cfg in layers.items():
-        where = f"write_retrain_json: layer '{name}'"
-        if not isinstance(name, str) or not name or name in _GLOBAL_KEYS:
-            raise ConfigError("write_retrain_json: layer name", name,
-                              "a non-empty module path that is not a global key (" + ", ".join(_GLOBAL_KEYS) + ")")
+        where = f"{who}: layer '{name}'"
+        if not isinstance(name, str) or not name or name in global_keys:
+            raise ConfigError(f"{who}: layer name", name,
+                              "a non-empty module path that is not a global key (" + ", ".join(global_keys) + ")")
         if cfg is None:
-            out[name] = {"retrain_enable": False}
+            out[name] = {spelling.enable: False}
             continue
         if not isinstance(cfg, QatConfig):
             raise ConfigError(where, cfg, "a QatConfig or None (not retrained)")
-        entry: dict[str, Any] = {"retrain_enable": True}
+        entry: dict[str, Any] = {spelling.enable: True}
         if cfg.activation_bits is not None:
             for key in _UNSPELLED:
                 if getattr(cfg, key) != getattr(defaults, key):
                     raise ConfigError(f"{where} {key}", getattr(cfg, key),
-                                      f"{getattr(defaults, key)!r} (AMCT's QAT JSON has no key for it)")
+                                      f"{getattr(defaults, key)!r} ({spelling.what} has no key for it)")
+            if _BITS_DST[cfg.activation_bits] not in spelling.data_dst:
+                raise ConfigError(f"{where} activation_bits", cfg.activation_bits,
+                                  f"{', '.join(spelling.data_dst)} ({spelling.what})")
             data: dict[str, Any] = {"algo": "ulq_quantize" if cfg.activation_algorithm == "ulq" else cfg.activation_algorithm,
                                     "dst_type": _BITS_DST[cfg.activation_bits]}
             for key in ("clip_max", "clip_min", "fixed_min"):
                 if getattr(cfg, key) is not None:
                     data[key] = getattr(cfg, key)
-            if cfg.batch_num != settings.batch_num:
+            if cfg.batch_num != batch_num:
                 data["batch_num"] = cfg.batch_num
-            entry["retrain_data_config"] = data
-        entry["retrain_weight_config"] = {"algo": cfg.weight_algorithm,
-                                          "channel_wise": isinstance(cfg.weight_granularity, PerChannel),
-                                          "dst_type": _BITS_DST[cfg.weight_bits]}
+            entry[spelling.data] = data
+        if cfg.weight_algorithm not in algo_names:
+            raise ConfigError(f"{where} weight_algorithm", cfg.weight_algorithm,
+                              f"one of {', '.join(algo_names)} ({spelling.what})")
+        entry[spelling.weights] = {"algo": algo_names[cfg.weight_algorithm],
+                                   "channel_wise": isinstance(cfg.weight_granularity, PerChannel),
+                                   "dst_type": _BITS_DST[cfg.weight_bits]}
         out[name] = entry
     return out
 
@@ -206,20 +256,26 @@ def parse_retrain_json(text: str, source: str = "<json>") -> tuple[RetrainSettin
 
 
 def _read_layer(entry: dict[str, Any], settings: RetrainSettings, prefix: str) -> QatConfig | None:
-    _check_keys(entry, _LAYER_KEYS, prefix)
-    enable = _get(entry, "retrain_enable", "bool", prefix, True)
-    fields: dict[str, Any] = {"batch_num": settings.batch_num}
-    if "retrain_data_config" in entry:
-        fields.update(_read_data(entry["retrain_data_config"], f"{prefix}retrain_data_config."))
+    return read_layer_entry(entry, settings.batch_num, prefix)
+
+
+def read_layer_entry(entry: dict[str, Any], batch_num: int, prefix: str,
+                     spelling: LayerSpelling = RETRAIN_SPELLING) -> QatConfig | None:
+    """One layer's JSON entry in ``spelling`` -> its QatConfig, or None when not enabled; errors start with ``prefix``."""
+    _check_keys(entry, spelling.layer_keys, prefix)
+    enable = _get(entry, spelling.enable, "bool", prefix, True)
+    fields: dict[str, Any] = {"batch_num": batch_num}
+    if spelling.data in entry:
+        fields.update(_read_data(entry[spelling.data], f"{prefix}{spelling.data}.", spelling))
     else:
         fields["activation_bits"] = None
-    fields.update(_read_weights(entry.get("retrain_weight_config", {}), f"{prefix}retrain_weight_config."))
+    fields.update(_read_weights(entry.get(spelling.weights, {}), f"{prefix}{spelling.weights}.", spelling))
     try:
         cfg = QatConfig(**fields)
     except ConfigError as err:
         err = _dst_words(err)
         field = err.key.rsplit(".", 1)[-1]
-        raise ConfigError(f"{prefix}{_JSON_PATHS.get(field, field)}", err.value, err.allowed) from None
+        raise ConfigError(f"{prefix}{spelling.json_path(field)}", err.value, err.allowed) from None
     return cfg if enable else None
 
 
@@ -230,7 +286,7 @@ def _dst(data: dict[str, Any], where: str, allowed: tuple[str, ...]) -> int:
     return _DST_BITS[dst]
 
 
-def _read_data(data: Any, where: str) -> dict[str, Any]:
+def _read_data(data: Any, where: str, spelling: LayerSpelling = RETRAIN_SPELLING) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(where.rstrip("."), data, "an object with algo, dst_type, clip_max, clip_min, fixed_min")
     _check_keys(data, _DATA_KEYS, where)
@@ -238,7 +294,7 @@ def _read_data(data: Any, where: str) -> dict[str, Any]:
     if algo not in _DATA_ALGOS:
         raise ConfigError(f"{where}algo", algo, "one of " + ", ".join(_DATA_ALGOS))
     out: dict[str, Any] = {"activation_algorithm": _DATA_ALGOS[algo],
-                           "activation_bits": _dst(data, where, ("INT4", "INT8", "INT16"))}
+                           "activation_bits": _dst(data, where, spelling.data_dst)}
     for key in ("clip_max", "clip_min"):
         value = _get(data, key, "number", where)
         if value is not None:
@@ -254,18 +310,19 @@ def _read_data(data: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _read_weights(wts: Any, where: str) -> dict[str, Any]:
+def _read_weights(wts: Any, where: str, spelling: LayerSpelling = RETRAIN_SPELLING) -> dict[str, Any]:
     if not isinstance(wts, dict):
         raise ConfigError(where.rstrip("."), wts, "an object with algo, channel_wise, dst_type")
-    _check_keys(wts, _WTS_KEYS, where)
-    if "algo" in wts and "weights_retrain_algo" in wts:
-        raise ConfigError(f"{where}weights_retrain_algo", wts["weights_retrain_algo"],
-                          "only one of algo and weights_retrain_algo (its alias)")
-    key = "weights_retrain_algo" if "weights_retrain_algo" in wts else "algo"
-    algo = _get(wts, key, "str", where, "arq_retrain")
-    if algo not in _WTS_ALGOS:
-        raise ConfigError(f"{where}{key}", algo, "one of " + ", ".join(_WTS_ALGOS))
-    out: dict[str, Any] = {"weight_algorithm": _WTS_ALGOS[algo], "weight_bits": _dst(wts, where, ("INT4", "INT8"))}
+    _check_keys(wts, spelling.weight_keys, where)
+    alias = spelling.weight_alias
+    if alias and "algo" in wts and alias in wts:
+        raise ConfigError(f"{where}{alias}", wts[alias], f"only one of algo and {alias} (its alias)")
+    key = alias if alias and alias in wts else "algo"
+    algos = dict(spelling.weight_algos)
+    algo = _get(wts, key, "str", where, spelling.weight_algos[0][0])
+    if algo not in algos:
+        raise ConfigError(f"{where}{key}", algo, "one of " + ", ".join(algos))
+    out: dict[str, Any] = {"weight_algorithm": algos[algo], "weight_bits": _dst(wts, where, spelling.weight_dst)}
     cw = _get(wts, "channel_wise", "bool", where)
     if cw is not None:
         out["weight_granularity"] = PerChannel() if cw else PerTensor()

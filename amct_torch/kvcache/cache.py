@@ -44,6 +44,8 @@ class Int8KVLayer(BaseQuantizedLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        # the dtype handed back to attention; set here, since transformers' base layer stopped setting it (5.25)
+        self.dtype, self.device = key_states.dtype, key_states.device
         self._quantized_keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=torch.int8)
         self._quantized_values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]),
                                                         dtype=torch.int8)

@@ -14,12 +14,16 @@
   (PQAT, CQAT, PCQAT); :func:`load_compressed_checkpoint` rebuilds any combination from a checkpoint.
 * :class:`KVCacheCalibration` — KV-cache factors calibrated on validation batches; logs perplexity with
   and without the INT8 cache.
+* :class:`TensorDecomposition` — low-rank factors at setup (first in the pipeline), then fine-tuned; the
+  checkpoint carries the decomposition info, so :func:`load_compressed_checkpoint` rebuilds it.
+* :class:`BlockwiseDistillation` — adds the block-wise distillation loss against a frozen float teacher
+  (copied at setup, before the other callbacks compress the network) to every training step.
 """
 
-from .callbacks import (ChannelPruning, MagnitudePruning, NMSparsity, ONNXExport, PostTrainingQuantization,
+from .callbacks import (BlockwiseDistillation, TensorDecomposition, ChannelPruning, MagnitudePruning, NMSparsity, ONNXExport, PostTrainingQuantization,
                         KVCacheCalibration, QuantizationAwareTraining, WeightClustering, load_compressed_checkpoint,
                         load_pruned_checkpoint, load_qat_checkpoint)
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "ONNXExport", "load_qat_checkpoint",
            "MagnitudePruning", "ChannelPruning", "NMSparsity", "load_pruned_checkpoint", "WeightClustering",
-           "load_compressed_checkpoint", "KVCacheCalibration"]
+           "load_compressed_checkpoint", "KVCacheCalibration", "TensorDecomposition", "BlockwiseDistillation"]

@@ -145,10 +145,12 @@ class WeightClustering(Callback):
 
 
 def _ranked_states(checkpoint: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    from .decompose import TensorDecomposition
     from .pruning import _CALLBACKS as PRUNING
     from .qat import QuantizationAwareTraining
 
     known = dict(PRUNING)
+    known["TensorDecomposition"] = TensorDecomposition
     known["WeightClustering"] = WeightClustering
     known["QuantizationAwareTraining"] = QuantizationAwareTraining
     out = []
@@ -162,15 +164,17 @@ def _ranked_states(checkpoint: dict[str, Any]) -> list[tuple[int, str, dict[str,
 def load_compressed_checkpoint(module: L.LightningModule, ckpt_path: Union[str, os.PathLike], *,
                                example_inputs: Any = None, map_location: Any = "cpu", strict: bool = True,
                                weights_only: bool = True) -> L.LightningModule:
-    """Load a checkpoint of a fit with any of the compression callbacks (pruning, clustering, QAT) into a
-    fresh LightningModule holding the float network: the structure is rebuilt from the callbacks' saved
-    states in pipeline order (masks, then clusters, then quantizers), then the ``state_dict`` loads.
+    """Load a checkpoint of a fit with any of the compression callbacks (decomposition, pruning, clustering,
+    QAT) into a fresh LightningModule holding the float network: the structure is rebuilt from the callbacks'
+    saved states in pipeline order (factors, then masks, then clusters, then quantizers), then the
+    ``state_dict`` loads.
 
     Example::
 
         task = load_compressed_checkpoint(reference_task("resnet_digits"), "checkpoints/last.ckpt")
         amct_torch.export(task.model.eval(), "out/pcqat", x)
     """
+    from .decompose import TensorDecomposition
     from .pruning import _CALLBACKS as PRUNING
     from .qat import QuantizationAwareTraining
 
@@ -190,6 +194,9 @@ def load_compressed_checkpoint(module: L.LightningModule, ckpt_path: Union[str, 
             if example_inputs is not None:
                 cb.example_inputs = example_inputs
             cb.prepare(module, cb.example_inputs)
+            continue
+        if name == "TensorDecomposition":
+            TensorDecomposition._rebuild(module, state, inputs)
             continue
         if inputs is None:
             raise ValueError(f"{path}: the {name} state carries no example input; pass example_inputs=...")

@@ -13,6 +13,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from amct_torch.config import ConfigError, Targeting
+from ort_helpers import require_exact_int8_kernels
 from amct_torch.config.dynamic import DynamicQuantConfig
 from amct_torch.export.dynamic import DynamicExportError, export_dynamic
 from amct_torch.quant.dynamic import (DynamicQuantGRU, DynamicQuantLSTM, dynamic_fake_quantize, dynamic_layers,
@@ -191,6 +192,7 @@ def test_mlp_onnx_matches_pytorch_dynamic_model(tmp_path, cfg):
     sess = _session(tmp_path / "m.onnx", optimized=tmp_path / "opt.onnx")
     if not cfg.per_token and not cfg.activation_symmetric:  # onnxruntime fuses the chain into its integer kernel
         assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node].count("DynamicQuantizeMatMul") == 3
+    require_exact_int8_kernels()
     torch.manual_seed(2)
     x = torch.randn(33, 64)
     y_ort = sess.run(None, {"x": x.numpy()})[0]
@@ -212,6 +214,7 @@ def test_per_token_export_on_3d_inputs(tmp_path):
     qmodel = quantize_dynamic(model, DynamicQuantConfig(activation_granularity="per_token"))
     x = torch.randn(2, 7, 16) * torch.linspace(0.1, 10, 7)[None, :, None]  # rows of very different ranges
     export_dynamic(qmodel, tmp_path / "t.onnx", x, input_names=["x"])
+    require_exact_int8_kernels()
     y_ort = _session(tmp_path / "t.onnx").run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         y, ref = qmodel(x).numpy(), model(x).numpy()
@@ -232,6 +235,7 @@ def test_transformers_conv1d_is_quantized_and_exported(tmp_path):
     with torch.no_grad():
         y, ref = qmodel(x).numpy(), model(x).numpy()
     assert np.abs(y - ref).max() < 0.05
+    require_exact_int8_kernels()
     assert np.abs(_session(tmp_path / "c.onnx").run(None, {"x": x.numpy()})[0] - y).max() < 1e-4
 
 
@@ -323,6 +327,7 @@ def test_lstm_exports_as_dynamic_quantize_lstm_and_matches(tmp_path):
     assert len(lstm_nodes) == 2 and all(n.domain == "com.microsoft" for n in lstm_nodes)
     assert {"bidirectional"} == {helper.get_attribute_value(a).decode() for n in lstm_nodes for a in n.attribute
                                  if a.name == "direction"}
+    require_exact_int8_kernels()
     y_ort = _session(tmp_path / "l.onnx").run(None, {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()})[0]
     with torch.no_grad():
         y, y_fp = qmodel(x, h0, c0).numpy(), model(x, h0, c0).numpy()
@@ -351,6 +356,7 @@ def test_gru_exports_as_float_gru_with_int8_weights(tmp_path):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GRU") == 2 and ops.count("DequantizeLinear") == 4
     assert sum(t.data_type == TensorProto.INT8 for t in proto.graph.initializer) >= 4
+    require_exact_int8_kernels()
     y_ort = _session(tmp_path / "g.onnx").run(None, {"x": x.numpy(), "h0": h0.numpy()})[0]
     with torch.no_grad():
         y_w, y_dyn, y_fp = weight_only(x, h0).numpy(), dynamic(x, h0).numpy(), model(x, h0).numpy()

@@ -6,7 +6,8 @@ import importlib
 import time
 
 BENCHMARKS = ["benchmarks.reference_models", "benchmarks.ptq", "benchmarks.qat", "benchmarks.sparsity",
-              "benchmarks.collaborative", "benchmarks.transformers"]
+              "benchmarks.collaborative", "benchmarks.transformers", "benchmarks.decompose_distill",
+              "benchmarks.auto_calibration"]
 
 
 def main() -> None:

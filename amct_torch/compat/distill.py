@@ -35,17 +35,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, QatConfig, Targeting
+from ..config import ConfigError, QatConfig
 from ..config.amct_distill import DistillSettings, read_distill_cfg, read_distill_json, resolve_distill_configs, \
     write_distill_json
 from ..config.distill import DistillConfig
 from ..distill.blocks import blocks_from_groups, call_order, find_blocks, leaf_modules
 from ..distill.blockwise import distill_blockwise
 from ..export.api import export
-from ..quant import CalibrationError, prepare_qat
+from ..quant import CalibrationError
 from ..quant.ptq import check_calibrated, quant_layers
 from ._layers import pick_spelling
-from .qat import _default, _qat_layers, _unwrap
+from .qat import _default, _qat_layers, _unwrap, prepare_layers
 
 __all__ = ["create_distill_config", "create_distill_model", "distill", "save_distill_model", "DistillSampleBase",
            "ModelSingleTensorInput", "DISTILL_TYPES"]
@@ -165,14 +165,8 @@ def create_distill_model(config_file: str | os.PathLike, model: nn.Module, input
     if config_file is None or model is None or input_data is None:
         raise TypeError("create_distill_model(config_file, model, input_data): all three are required")
     _, per_layer = read_distill_json(config_file)
-    student = prepare_qat(_unwrap(model), Targeting(None, module_name=per_layer), input_data, quantize_outputs="none")
-    wrapped = set(student.amct_plan.wrapped())
-    missing = [name for name, cfg in per_layer.items() if cfg is not None and name not in wrapped]
-    if missing:
-        skipped = student.amct_plan.skipped()
-        raise ConfigError(f"{Path(config_file).name}: layers", missing,
-                          "distillable layers of this model (see create_distill_config); "
-                          + "; ".join(f"{n}: {skipped.get(n, 'not found in the model')}" for n in missing))
+    student = prepare_layers(model, per_layer, input_data, config_file,
+                             "distillable layers of this model (see create_distill_config)")
     student.amct_distill_config = Path(config_file)
     return student
 

@@ -82,6 +82,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def prepare_layers(model: nn.Module, per_layer: dict[str, QatConfig | None], input_data: Any, config_file: Any,
+                   allowed: str) -> nn.Module:
+    """``prepare_qat`` of ``model`` with one QatConfig per named layer (quantizers on layer inputs, as AMCT
+    places them); a layer the file enables that the model cannot take is an error naming it and why."""
+    qat = prepare_qat(_unwrap(model), Targeting(None, module_name=per_layer), input_data, quantize_outputs="none")
+    wrapped = set(qat.amct_plan.wrapped())
+    missing = [name for name, cfg in per_layer.items() if cfg is not None and name not in wrapped]
+    if missing:
+        skipped = qat.amct_plan.skipped()
+        raise ConfigError(f"{Path(config_file).name}: layers", missing,
+                          f"{allowed}; " + "; ".join(f"{n}: {skipped.get(n, 'not found in the model')}" for n in missing))
+    return qat
+
+
 def create_quant_retrain_model(config_file: str | os.PathLike, model: nn.Module, record_file: str | os.PathLike,
                                input_data: Any) -> nn.Module:
     """The trainable QAT model of ``model`` (a copy, in training mode) as ``config_file`` says.
@@ -94,14 +108,8 @@ def create_quant_retrain_model(config_file: str | os.PathLike, model: nn.Module,
     if config_file is None or model is None or record_file is None or input_data is None:
         raise TypeError("create_quant_retrain_model(config_file, model, record_file, input_data): all four are required")
     _, per_layer = read_retrain_json(config_file)
-    qat = prepare_qat(_unwrap(model), Targeting(None, module_name=per_layer), input_data, quantize_outputs="none")
-    wrapped = set(qat.amct_plan.wrapped())
-    missing = [name for name, cfg in per_layer.items() if cfg is not None and name not in wrapped]
-    if missing:
-        skipped = qat.amct_plan.skipped()
-        raise ConfigError(f"{Path(config_file).name}: layers", missing,
-                          "QAT-able layers of this model (see create_quant_retrain_config); "
-                          + "; ".join(f"{n}: {skipped.get(n, 'not found in the model')}" for n in missing))
+    qat = prepare_layers(model, per_layer, input_data, config_file, "QAT-able layers of this model (see "
+                         "create_quant_retrain_config)")
     qat.amct_record_file = Path(record_file)
     return qat
 

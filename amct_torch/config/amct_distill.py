@@ -51,9 +51,9 @@ from typing import Any, ClassVar, Mapping
 
 from . import amct_proto as pb
 from .amct_cfg import ProtoCfg
-from .amct_json import _get, _no_duplicates
-from .amct_retrain import (LayerSpelling, RetrainCfg, default_retrain_config, layer_entries, read_layer_entry,
-                           resolve_retrain_configs)
+from .amct_json import _get
+from .amct_retrain import (LayerSpelling, RetrainCfg, default_retrain_config, layer_entries, parse_json_head,
+                           read_layer_entry, resolve_retrain_configs)
 from .base import Config, ConfigError, check_range
 from .qat import QatConfig
 
@@ -120,24 +120,7 @@ def read_distill_json(path: str | os.PathLike[str]) -> tuple[DistillSettings, di
 
 def parse_distill_json(text: str, source: str = "<json>") -> tuple[DistillSettings, dict[str, QatConfig | None]]:
     """:func:`read_distill_json` on a string (``source`` names it in errors)."""
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates(source))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{source}: line {err.lineno}, column {err.colno}", err.doc[err.pos:err.pos + 20],
-                          f"valid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(source, data, "a JSON object of global keys and layers")
-    where = f"{source}: "
-    for key, value in data.items():
-        if key not in _GLOBAL_KEYS and not isinstance(value, dict):
-            raise ConfigError(f"{where}{key}", value,
-                              "a global key (" + ", ".join(_GLOBAL_KEYS) + ") or a layer name with an object")
-    version = _get(data, "version", "int", where, 1)
-    if version != 1:
-        raise ConfigError(f"{where}version", version, "1")
-    batch_num = _get(data, "batch_num", "int", where, 1)
-    if batch_num <= 0:
-        raise ConfigError(f"{where}batch_num", batch_num, "an integer > 0")
+    data, where, version, batch_num = parse_json_head(text, source, _GLOBAL_KEYS)
     group_size = _get(data, "group_size", "int", where, 1)
     if group_size <= 0:
         raise ConfigError(f"{where}group_size", group_size, "an integer > 0")

@@ -229,8 +229,10 @@ def read_retrain_json(path: str | os.PathLike[str]) -> tuple[RetrainSettings, di
     return parse_retrain_json(Path(source).read_text(encoding="utf-8"), source)
 
 
-def parse_retrain_json(text: str, source: str = "<json>") -> tuple[RetrainSettings, dict[str, QatConfig | None]]:
-    """:func:`read_retrain_json` on a string (``source`` names it in errors)."""
+def parse_json_head(text: str, source: str, global_keys: tuple[str, ...]) -> tuple[dict[str, Any], str, int, int]:
+    """The part of reading AMCT's retrain and distill JSON that they share: decode (duplicate keys and syntax
+    errors named with their line), check that every non-global key holds a layer object, and read
+    ``version`` (1) and ``batch_num`` (> 0). Returns ``(data, where, version, batch_num)``."""
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates(source))
     except json.JSONDecodeError as err:
@@ -240,15 +242,21 @@ def parse_retrain_json(text: str, source: str = "<json>") -> tuple[RetrainSettin
         raise ConfigError(source, data, "a JSON object of global keys and layers")
     where = f"{source}: "
     for key, value in data.items():
-        if key not in _GLOBAL_KEYS and not isinstance(value, dict):
+        if key not in global_keys and not isinstance(value, dict):
             raise ConfigError(f"{where}{key}", value,
-                              "a global key (" + ", ".join(_GLOBAL_KEYS) + ") or a layer name with an object")
+                              "a global key (" + ", ".join(global_keys) + ") or a layer name with an object")
     version = _get(data, "version", "int", where, 1)
     if version != 1:
         raise ConfigError(f"{where}version", version, "1")
     batch_num = _get(data, "batch_num", "int", where, 1)
     if batch_num <= 0:
         raise ConfigError(f"{where}batch_num", batch_num, "an integer > 0")
+    return data, where, version, batch_num
+
+
+def parse_retrain_json(text: str, source: str = "<json>") -> tuple[RetrainSettings, dict[str, QatConfig | None]]:
+    """:func:`read_retrain_json` on a string (``source`` names it in errors)."""
+    data, where, version, batch_num = parse_json_head(text, source, _GLOBAL_KEYS)
     settings = RetrainSettings(version=version, batch_num=batch_num)
     layers = {name: _read_layer(entry, settings, f"{source}: layer '{name}' ")
               for name, entry in data.items() if name not in _GLOBAL_KEYS}

@@ -120,7 +120,8 @@ def export_model(model: nn.Module, prefix: str | os.PathLike, inputs: Any, who: 
     """Export ``model`` (a copy: the model is not changed) and return the written files by kind.
 
     A model with quantizers gets AMCT's three files (fake-quant ONNX, deploy ONNX, record, all or none);
-    a model without any gets one plain fp32 ONNX ``<prefix>_fp32_model.onnx``, and a warning says so.
+    a model without any gets one plain fp32 ONNX ``<prefix>_fp32_model.onnx`` (weight pipelines -- masks,
+    clusters -- baked into the weights), and a warning says so.
     """
     from .. import export
     from ..export.files import write_all
@@ -134,7 +135,10 @@ def export_model(model: nn.Module, prefix: str | os.PathLike, inputs: Any, who: 
     prefix = Path(prefix)
     path = prefix.with_name(prefix.name + "_fp32_model.onnx")
     names = {k: kwargs[k] for k in ("input_names", "output_names", "dynamic_axes") if kwargs.get(k) is not None}
-    proto = export_qdq_model(model, inputs, **names)
+    from ..analysis.report import _plain_copy
+
+    # masks and clusters baked into plain weights (what a float runtime needs; their stages have no ONNX form)
+    proto = export_qdq_model(_plain_copy(model, bake=True), inputs, **names)
     import onnx
 
     write_all({path: lambda p: onnx.save(proto, p)})

@@ -179,11 +179,23 @@ class MagnitudePruning(Callback):
     def _stages(self) -> dict[str, MaskStage]:
         return {n: mask_stage(layer) for n, layer in self.scheduler.layers.items()}
 
+    def _follow(self, pl_module: L.LightningModule) -> None:
+        """Drive the masks of the network the module holds now: a later stage (clustering, QAT) set up after
+        this one replaces it by its own copy, whose masks are the ones that train; the schedule's position
+        carries over."""
+        model = network(pl_module, self.attr, "MagnitudePruning")
+        if self.scheduler.model is not model:
+            state = self.scheduler.state_dict()
+            self.scheduler = MagnitudeScheduler(model)
+            self.scheduler.load_state_dict(state)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow(pl_module)
         self.scheduler.on_epoch(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._follow(pl_module)
         self.scheduler.step(trainer.global_step)  # a no-op between optimizer steps (gradient accumulation)
         if self.log_sparsity:
             _log_sparsity(pl_module, "magnitude", self._stages(), per_layer=False, on_step=True)

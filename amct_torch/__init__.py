@@ -48,7 +48,7 @@ from .quant.auto_calibration import AutoCalibrationResult, auto_calibrate, layer
 from .decompose import apply_decomposition_info, decompose, plan_decomposition, save_decomposition_info
 from . import distill  # the subpackage, callable as AMCT's distill() (see amct_torch/distill/__init__.py)
 from .distill import BlockwiseLoss, distill_blockwise, find_blocks
-from .analysis import CompressionReport, compression_report
+from .analysis import CompressionReport, LayerReport, compression_report, layer_report
 from .cluster import check_preservation, cluster_weights, reassign_clusters, strip_clustering
 from . import export  # the subpackage, callable as the export verb (see amct_torch/export/__init__.py)
 from .export.dynamic import export_dynamic
@@ -85,4 +85,4 @@ __all__ = ["Config", "ConfigError", "Granularity", "PerChannel", "PerGroup", "Pe
            "decompose", "plan_decomposition", "save_decomposition_info", "apply_decomposition_info",
            "auto_decomposition", "decompose_network", "DistillConfig", "distill", "distill_blockwise", "find_blocks",
            "BlockwiseLoss", "create_distill_config", "create_distill_model", "save_distill_model", "DistillSampleBase",
-           "ModelSingleTensorInput", "__version__"]
+           "ModelSingleTensorInput", "layer_report", "LayerReport", "__version__"]

@@ -192,6 +192,15 @@ def _counted_weight(layer: CompressedLayer) -> tuple[torch.Tensor, int]:
     return torch.round(fake / scale) + offset, stage.bits  # x' = (q - offset) * scale: as export folds it
 
 
+def _weight_counts(w: torch.Tensor, axis: int, groups: int = 1) -> tuple[int, int, int, int]:
+    """``(weights, zeros, unique values, most unique values in one output channel)`` of a weight tensor
+    (``axis``/``groups``: its output-channel layout, as :func:`~amct_torch.quant.formulas.channel_major`)."""
+    w = w.detach()
+    per_channel = _unique_per_row(channel_major(w, axis, groups))
+    return (w.numel(), int((w == 0).sum()), int(torch.unique(w).numel()),
+            int(per_channel.max()) if per_channel.numel() else 0)
+
+
 def _layer_row(name: str, layer: CompressedLayer) -> LayerCompression:
     modes = {m: m.training for m in layer.modules()}  # restored one by one: a wrapper and its layer may differ
     layer.eval()  # reading the weight must not count as a training batch (N:M mask stages count them)
@@ -201,13 +210,11 @@ def _layer_row(name: str, layer: CompressedLayer) -> LayerCompression:
     finally:
         for m, mode in modes.items():
             m.training = mode
-    w = w.detach()
-    rows = channel_major(w, layer.weight_channel_axis, getattr(layer.module, "groups", 1))
-    per_channel = _unique_per_row(rows)
-    return LayerCompression(name=name, layer_type=type(layer.module).__name__, weights=w.numel(),
-                            zeros=int((w == 0).sum()), unique_values=int(torch.unique(w).numel()),
-                            max_unique_per_channel=int(per_channel.max()) if per_channel.numel() else 0,
-                            bits=int(bits), stages=tuple(type(s).__name__ for s in layer.weight_pipeline))
+    groups = getattr(layer.module, "groups", 1)
+    weights, zeros, unique, per_channel = _weight_counts(w, layer.weight_channel_axis, groups)
+    return LayerCompression(name=name, layer_type=type(layer.module).__name__, weights=weights, zeros=zeros,
+                            unique_values=unique, max_unique_per_channel=per_channel, bits=int(bits),
+                            stages=tuple(type(s).__name__ for s in layer.weight_pipeline))
 
 
 def _weighted_layers(model: nn.Module) -> dict[str, CompressedLayer]:
@@ -227,7 +234,7 @@ def _restored_batch_norm(fbn: FoldedBatchNorm) -> nn.Module:
     return bn.to(fbn.running_mean.device)
 
 
-def _plain_copy(model: nn.Module, *, bake: bool) -> nn.Module:
+def plain_copy(model: nn.Module, *, bake: bool) -> nn.Module:
     """A copy in eval mode without wrappers or activation quantizers.
 
     ``bake=True``: each layer holds its effective weight and bias (pipelines baked, QAT BatchNorms folded
@@ -286,11 +293,11 @@ def _sizes(report: CompressionReport, model: nn.Module, example_inputs: Any, bas
             report.notes.append("kept float in the deploy model: " + ", ".join(kept))
     else:
         path = work / "compressed_float_model.onnx"
-        _float_onnx(_plain_copy(model, bake=True), example_inputs, path)
+        _float_onnx(plain_copy(model, bake=True), example_inputs, path)
         report.compressed = _size_of(path, "float", keep)
     path = work / "fp32_model.onnx"
     if baseline is None:
-        fp32 = _plain_copy(model, bake=False)
+        fp32 = plain_copy(model, bake=False)
         report.notes.append("fp32 baseline derived from the model (original weights, compression removed); "
                             "pass baseline=<the original float model> for the exact comparison")
     else:

@@ -135,10 +135,10 @@ def export_model(model: nn.Module, prefix: str | os.PathLike, inputs: Any, who: 
     prefix = Path(prefix)
     path = prefix.with_name(prefix.name + "_fp32_model.onnx")
     names = {k: kwargs[k] for k in ("input_names", "output_names", "dynamic_axes") if kwargs.get(k) is not None}
-    from ..analysis.report import _plain_copy
+    from ..analysis.report import plain_copy
 
     # masks and clusters baked into plain weights (what a float runtime needs; their stages have no ONNX form)
-    proto = export_qdq_model(_plain_copy(model, bake=True), inputs, **names)
+    proto = export_qdq_model(plain_copy(model, bake=True), inputs, **names)
     import onnx
 
     write_all({path: lambda p: onnx.save(proto, p)})

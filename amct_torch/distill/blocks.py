@@ -439,11 +439,19 @@ def merge_blocks(blocks: Sequence[Block], group_size: int) -> list[Block]:
         if len(chunk) == 1:
             out.append(chunk[0])
             continue
-        kinds = {b.kind for b in chunk}
-        out.append(Block(f"{chunk[0].start}..{chunk[-1].end}", kinds.pop() if len(kinds) == 1 else "merged",
-                         tuple(m for b in chunk for m in b.modules), tuple(q for b in chunk for q in b.layers),
-                         chunk[0].start, chunk[-1].end, tuple(e for b in chunk for e in b.extra)))
+        out.append(merged(chunk))
     return out
+
+
+def merged(chunk: Sequence[Block]) -> Block:
+    """Consecutive blocks as one: start of the first, end of the last, all modules and layers; the kind
+    stays when all agree (else ``merged``)."""
+    if len(chunk) == 1:
+        return chunk[0]
+    kinds = {b.kind for b in chunk}
+    return Block(f"{chunk[0].start}..{chunk[-1].end}", kinds.pop() if len(kinds) == 1 else "merged",
+                 tuple(m for b in chunk for m in b.modules), tuple(q for b in chunk for q in b.layers),
+                 chunk[0].start, chunk[-1].end, tuple(e for b in chunk for e in b.extra))
 
 
 # -- explicit groups -----------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from ..config.distill import DistillConfig
 from ..graph.plan import render_table
 from ..quant.quantizers import ActivationQuantizer, ArqWeightQuantizer
 from .blocks import Block, find_blocks, merge_blocks
-from .loss import LossFn, as_blocks, check_paths, make_loss, unwrap
+from .loss import LossFn, align_blocks, as_blocks, make_loss, unwrap
 from .probe import BlockProbe, InputFn, model_device, model_inputs, primary, run_to_end, to_device
 
 __all__ = ["distill_blockwise", "DistillReport", "BlockResult", "OptimizerSpec"]
@@ -502,7 +502,7 @@ def distill_blockwise(teacher: nn.Module, student: nn.Module, data: Iterable[Any
         units = find_blocks(student, example, group_size=config.group_size)
     else:
         units = merge_blocks(as_blocks(student, blocks, example), config.group_size)
-    check_paths(teacher, student, units)
+    units = align_blocks(teacher, student, units)
     if config.eval_batches:
         source = _check_data(eval_data, "eval_data") if eval_data is not None else data
         eval_inputs = [run.inputs(b) for b in itertools.islice(source, config.eval_batches)]

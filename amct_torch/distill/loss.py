@@ -19,6 +19,7 @@ left as the caller set it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
@@ -26,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config.base import ConfigError
-from .blocks import Block, blocks_from_groups
+from .blocks import Block, blocks_from_groups, merged
 from .probe import InputFn, StopForward, model_device, model_inputs, primary, to_device
 
-__all__ = ["BlockwiseLoss", "make_loss", "LossFn", "as_blocks", "check_paths"]
+__all__ = ["BlockwiseLoss", "make_loss", "LossFn", "as_blocks", "align_blocks"]
 
 #: ``loss(student_output, teacher_output) -> scalar tensor``
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,17 +72,50 @@ def as_blocks(student: nn.Module, blocks: Sequence[Block] | Sequence[Sequence[st
     return blocks_from_groups(student, blocks, example_inputs)
 
 
-def check_paths(teacher: nn.Module, student: nn.Module, blocks: Sequence[Block]) -> None:
-    """Every block boundary must be a module of both models (they share module paths)."""
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _ancestor_in(model: nn.Module, path: str) -> str | None:
+    """``path``, or its nearest ancestor that ``model`` has (``None``: none but the root)."""
+    while path and not _has(model, path):
+        path = path.rpartition(".")[0]
+    return path or None
+
+
+def align_blocks(teacher: nn.Module, student: nn.Module, blocks: Sequence[Block]) -> list[Block]:
+    """The blocks with every boundary a module of both models.
+
+    Teacher and student share module paths, except where the student has more depth: the factors of a
+    decomposed layer (``conv1.0``, ``conv1.1`` for the teacher's ``conv1``). A boundary inside such a module
+    has no teacher counterpart, so the blocks on both sides of it merge, and a first start or last end inside
+    one moves up to that module (its input and output are the same in both models). A boundary with no
+    counterpart at all is an error naming it.
+    """
+    out: list[list[Block]] = []
     for b in blocks:
-        for role, path in (("start", b.start), ("end", b.end)):
-            for who, model in (("student", student), ("teacher", teacher)):
-                try:
-                    model.get_submodule(path)
-                except AttributeError:
-                    raise ValueError(f"block {b.name!r}: its {role} {path!r} is not a module of the {who} "
-                                     f"({type(model).__name__}); teacher and student must share module paths "
-                                     "(prepare the student from the teacher with prepare_qat or quantize)") from None
+        if out and not (_has(teacher, out[-1][-1].end) and _has(teacher, b.start)):
+            out[-1].append(b)
+        else:
+            out.append([b])
+    aligned = []
+    for chunk in out:
+        unit = merged(chunk)
+        start, end = _ancestor_in(teacher, unit.start), _ancestor_in(teacher, unit.end)
+        for role, path, mapped in (("start", unit.start, start), ("end", unit.end, end)):
+            if mapped is None or not _has(student, path):
+                who, model = ("student", student) if not _has(student, path) else ("teacher", teacher)
+                raise ValueError(f"block {unit.name!r}: its {role} {path!r} is not a module of the {who} "
+                                 f"({type(model).__name__}); teacher and student must share module paths "
+                                 "(prepare the student from the teacher with prepare_qat or quantize)")
+        if (start, end) != (unit.start, unit.end):
+            unit = dataclasses.replace(unit, name=start if start == end else f"{start}..{end}", start=start, end=end)
+        aligned.append(unit)
+    return aligned
 
 
 class BlockwiseLoss:
@@ -109,8 +143,7 @@ class BlockwiseLoss:
         if reduction not in ("mean", "sum"):
             raise ConfigError("BlockwiseLoss.reduction", reduction, "'mean' or 'sum'")
         self.teacher, self.student = teacher, student
-        self.blocks = as_blocks(student, blocks)
-        check_paths(teacher, student, self.blocks)
+        self.blocks = align_blocks(teacher, student, as_blocks(student, blocks))
         self.loss_fn = make_loss(loss)
         self.reduction = reduction
         self.input_fn = input_fn

@@ -240,3 +240,28 @@ def test_config_validation():
 def test_report_type():
     report = DistillReport(DistillConfig())
     assert "0 units" in str(report) and report.to_dict()["blocks"] == []
+
+
+def test_a_decomposed_student_distills_against_its_undecomposed_teacher():
+    """The factors of a decomposed layer (conv1.0, conv1.1, ...) have no teacher counterpart: the blocks
+    around them merge up to the layer the teacher has, and distillation lowers every block's error."""
+    from amct_torch import DecomposeConfig, QatConfig, decompose, prepare_qat
+    from amct_torch.distill import BlockwiseLoss, find_blocks
+    from amct_torch.zoo import resnet_digits
+
+    torch.manual_seed(0)
+    teacher = resnet_digits(depth=8).eval()
+    x = torch.randn(2, 1, 16, 16)
+    small, plan = decompose(teacher, DecomposeConfig(conv_method="tucker2", rank_selection="macs", macs_ratio=0.5), x)
+    assert "conv1" in plan.changes()
+    student = prepare_qat(small, QatConfig(batch_num=1), x)
+    raw = find_blocks(student, x)
+    assert any(b.start == "conv1.0" for b in raw)                    # the student's own blocks start inside conv1
+    loss = BlockwiseLoss(teacher, student, raw)
+    assert [b.name for b in loss.blocks][:2] == ["conv1..relu", "layer1.0"]
+    assert all(b.start != "conv1.0" for b in loss.blocks)
+    loss.remove()
+    data = [torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    report = distill_blockwise(teacher, student, data, DistillConfig(lr=1e-3, epochs=2), progress=False)
+    assert report.blocks[0].name == "conv1..relu"
+    assert all(b.loss_after <= b.loss_before for b in report.blocks)

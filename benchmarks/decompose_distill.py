@@ -12,7 +12,10 @@ with ``flops_target`` + ``shrink``). Each model is evaluated as made and after t
 Latency (ms, median of interleaved repeats, 2 threads): PyTorch eager and ONNX Runtime on the fp32 ONNX
 of each model, batch 1 and 16 (``benchmarks.ptq.latency_rows``). MobileNetV2's convolutions are 1x1
 and depthwise, which neither the spatial split nor Tucker-2 decomposes (AMCT's eligibility); its plan is
-reported, not fine-tuned.
+reported, not fine-tuned. The digits networks are small enough (16x16 inputs) that per-op overhead
+dominates their latency, so torchvision ``resnet18`` at 3x224x224 (random weights: structure and latency
+only) is timed too: both decompositions (ranks rounded to multiples of 16) and L1 channel pruning with
+kept channels rounded to 16, all to half the MACs.
 
 **B. Block-wise distillation of W4A8 and W4A4 students** (``prepare_qat(QatConfig(weight_bits=4,
 activation_bits=8|4, init_calibrator="hfmg", batch_num=4))``, BN statistics frozen, activation ranges
@@ -33,7 +36,8 @@ Goals (issue 8): decomposition at half the MACs within 1 point of the dense accu
 a measured latency gain; distillation recovering at least half of the PTQ loss in less time than QAT needs
 for the same recovery.
 
-``AMCT_BENCH_QUICK=1``: 1 fine-tune epoch, 4 distillation batches, resnet_digits only, fewer repeats.
+``AMCT_BENCH_QUICK=1``: 1 fine-tune epoch, 4 distillation batches, resnet_digits only, 1x QAT budget,
+fewer repeats.
 Writes ``benchmarks/results/decompose_distill.json`` (quick: ``decompose_distill_quick.json``).
 """
 

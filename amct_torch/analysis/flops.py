@@ -30,7 +30,7 @@ physically shrunk model is simply smaller.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -120,7 +120,9 @@ class FlopsReport:
         return f"FlopsReport(layers={len(self.layers)}, macs={self.total_macs}, params={self.total_params})"
 
 
-def _leaves(model: nn.Module) -> dict[str, nn.Module]:
+def layers_outside_wrappers(model: nn.Module, keep: Callable[[str, nn.Module], bool]) -> dict[str, nn.Module]:
+    """Every compression wrapper (not what is inside it) and every other module ``keep(name, module)``
+    accepts, in module order."""
     out, wrapped = {}, []
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in wrapped):
@@ -128,9 +130,13 @@ def _leaves(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, CompressedLayer):
             wrapped.append(name)
             out[name] = m
-        elif name and not any(True for _ in m.children()):
+        elif keep(name, m):
             out[name] = m
     return out
+
+
+def _leaves(model: nn.Module) -> dict[str, nn.Module]:
+    return layers_outside_wrappers(model, lambda name, m: bool(name) and not any(True for _ in m.children()))
 
 
 def _mask_of(layer: nn.Module) -> Any:

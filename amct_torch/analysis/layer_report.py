@@ -82,7 +82,7 @@ from ..quant.qat_modules import LearnedActivationQuantizer, LsqActivationQuantiz
 from ..quant.quantizers import ActivationQuantizer
 from ..quant.weight_only import GroupWeightQuantizer
 from ..sparsity.masks import mask_stage
-from .flops import _params, count_flops
+from .flops import _params, count_flops, layers_outside_wrappers
 from .report import _counted_weight, _weight_counts, plain_copy
 
 __all__ = ["layer_report", "LayerReport", "LayerRow", "QuantizerInfo", "Stats", "Histogram", "PLOT_KINDS",
@@ -608,17 +608,7 @@ def _layout(m: nn.Module) -> tuple[int, int]:
 
 def _report_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every wrapper and every float weight layer outside the wrappers, in module order."""
-    out: dict[str, nn.Module] = {}
-    wrapped: list[str] = []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in wrapped):
-            continue
-        if isinstance(m, CompressedLayer):
-            wrapped.append(name)
-            out[name] = m
-        elif _is_weight_layer(m):
-            out[name] = m
-    return out
+    return layers_outside_wrappers(model, lambda name, m: _is_weight_layer(m))
 
 
 def _group_stage(layer: CompressedLayer) -> GroupWeightQuantizer | None:

@@ -31,6 +31,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
+import torch.nn as nn
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -89,7 +90,7 @@ class TensorDecomposition(Callback):
             return
         setup_earlier_stages(trainer, pl_module, self)
         model = network(pl_module, self.attr, "TensorDecomposition")
-        if self.info is not None:
+        if self._decomposed(model):
             rank_zero_info(f"TensorDecomposition: {self.attr} is decomposed already; not decomposing again")
             return
         if self.example_inputs is None:
@@ -107,6 +108,15 @@ class TensorDecomposition(Callback):
         if self.info_path is not None and trainer.is_global_zero:
             save_decomposition_info(self.info, self.info_path)
         rank_zero_info(f"TensorDecomposition: {self.attr}: {str(plan).splitlines()[0]}")
+
+    def _decomposed(self, model: nn.Module) -> bool:
+        """Whether ``model`` has this callback's factors (setup runs once per network, and again for a new one)."""
+        if not self.info or not self.info.get("layers"):
+            return False
+        try:
+            return all(isinstance(model.get_submodule(name), nn.Sequential) for name in self.info["layers"])
+        except AttributeError:
+            return False
 
     def ratios(self) -> dict[str, float]:
         """The whole model's parameters and (with example inputs) MACs after / before the decomposition."""

@@ -182,3 +182,13 @@ def test_stop_epoch_and_manual_optimization(digits, monkeypatch):
     m.automatic_optimization = False
     with pytest.raises(RuntimeError, match="manual optimization"):
         trainer(max_epochs=1, limit_train_batches=1, callbacks=[BlockwiseDistillation()]).fit(m, train, val)
+
+
+def test_the_same_callback_decomposes_a_new_network_in_a_second_fit(digits):
+    train, val = loaders(digits)
+    cb = TensorDecomposition(HALF)
+    first, second = task(), task()
+    trainer(max_epochs=1, limit_train_batches=1, callbacks=[cb]).fit(first, train, val)
+    trainer(max_epochs=1, limit_train_batches=1, callbacks=[cb]).fit(second, train, val)
+    for t in (first, second):
+        assert all(isinstance(t.model.get_submodule(n), nn.Sequential) for n in cb.plan.changes())

@@ -40,6 +40,8 @@ evaluator ``calibration(model)`` does); the same data feeds the sensitivity rank
 
 from __future__ import annotations
 
+import abc
+
 import copy
 import json
 import math
@@ -325,15 +327,15 @@ def _judge(metric_ok: Callable[[Any, Any], Any] | None, max_drop: float) -> Judg
 
 
 # -- calibration data ----------------------------------------------------------------------------------------
-class _Feed:
+class _Feed(abc.ABC):
     """Runs calibration batches: ``calibrate`` fills a prepared model's quantizers, ``probe`` runs the
     sensitivity batches through the float model."""
 
-    def calibrate(self, model: nn.Module) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def calibrate(self, model: nn.Module) -> None: ...
 
-    def probe(self, model: nn.Module, limit: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def probe(self, model: nn.Module, limit: int) -> int: ...
 
 
 class _DataFeed(_Feed):

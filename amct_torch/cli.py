@@ -30,11 +30,9 @@ def _lightning(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-    import os
     from pathlib import Path
 
     import lightning as L
-    import torch
     from lightning.pytorch.cli import LightningCLI
 
     from .lightning._common import export_model, first_input, network
@@ -54,13 +52,7 @@ def _export(argv: list[str]) -> None:
     module, datamodule = cli.model, cli.datamodule
     from .lightning import load_compressed_checkpoint
 
-    try:
-        load_compressed_checkpoint(module, args.ckpt_path)
-    except ValueError as err:
-        if "no state of a compression callback" not in str(err):
-            raise
-        checkpoint = torch.load(os.fspath(args.ckpt_path), map_location="cpu", weights_only=True)
-        module.load_state_dict(checkpoint["state_dict"])
+    load_compressed_checkpoint(module, args.ckpt_path, allow_plain=True)
     model = network(module, args.attr, "amct-torch export").eval()
     if hasattr(datamodule, "example_input"):
         inputs = datamodule.example_input(1)

@@ -163,11 +163,14 @@ def _ranked_states(checkpoint: dict[str, Any]) -> list[tuple[int, str, dict[str,
 
 def load_compressed_checkpoint(module: L.LightningModule, ckpt_path: Union[str, os.PathLike], *,
                                example_inputs: Any = None, map_location: Any = "cpu", strict: bool = True,
-                               weights_only: bool = True) -> L.LightningModule:
+                               weights_only: bool = True, allow_plain: bool = False) -> L.LightningModule:
     """Load a checkpoint of a fit with any of the compression callbacks (decomposition, pruning, clustering,
     QAT) into a fresh LightningModule holding the float network: the structure is rebuilt from the callbacks'
     saved states in pipeline order (factors, then masks, then clusters, then quantizers), then the
     ``state_dict`` loads.
+
+    ``allow_plain``: a checkpoint without any compression-callback state loads as a plain one (instead of
+    raising ``ValueError``).
 
     Example::
 
@@ -183,6 +186,9 @@ def load_compressed_checkpoint(module: L.LightningModule, ckpt_path: Union[str, 
     if "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict'; keys: {', '.join(map(str, checkpoint))})")
     states = _ranked_states(checkpoint)
+    if not states and allow_plain:      # a fit without compression callbacks: the weights load as they are
+        module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        return module
     if not states:
         found = ", ".join(map(str, checkpoint.get("callbacks") or {})) or "none"
         raise ValueError(f"{path}: no state of a compression callback in the checkpoint (callback states in it: "

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import lightning as L
 import torch
 import torch.nn as nn
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -127,7 +128,7 @@ class BlockwiseDistillation(Callback):
         inputs = self.example_inputs
         if inputs is None:
             inputs, _ = example_inputs(trainer, pl_module, None, "BlockwiseDistillation")
-        inputs = _to(inputs, device_of(student))
+        inputs = move_data_to_device(inputs, device_of(student))
         blocks = (blocks_from_groups(student, self.blocks, inputs) if self.blocks is not None
                   else find_blocks(student, inputs))
         self._loss = BlockwiseLoss(self.teacher, student, blocks, self.loss, input_fn=self.input_fn or first_input)
@@ -183,11 +184,6 @@ class BlockwiseDistillation(Callback):
             self.teacher.load_state_dict(teacher)
         else:
             self._pending_teacher_state = teacher
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-    return move_data_to_device(inputs, device)
 
 
 def _add(out: Any, extra: torch.Tensor) -> Any:

@@ -20,6 +20,7 @@ from amct_torch.quant import CalibrationError, weight_quantizer
 from amct_torch.quant.formulas import channel_major, qrange
 from amct_torch.sparsity import mask_stage
 from amct_torch.zoo import pretrained, reference_datamodule
+from analysis_helpers import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,20 +38,6 @@ def small_net() -> nn.Module:
 def batches(n: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(4, 1, 8, 8, generator=g) for _ in range(n)]
-
-
-def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: m.training for n, m in model.named_modules()})
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    state, modes = before
-    after = model.state_dict()
-    assert after.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(after[k], v), k
-    assert {n: m.training for n, m in model.named_modules()} == modes
 
 
 def sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:

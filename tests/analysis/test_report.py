@@ -23,6 +23,7 @@ from amct_torch.nn import CompressedLayer
 from amct_torch.quant import CalibrationError, weight_quantizer
 from amct_torch.quant.formulas import channel_major
 from amct_torch.sparsity import mask_stage, masked_layers
+from analysis_helpers import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,20 +38,6 @@ def small_net() -> nn.Module:
 
 def inputs() -> torch.Tensor:
     return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-
-
-def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: m.training for n, m in model.named_modules()})
-
-
-def assert_unchanged(model: nn.Module, before: tuple[dict[str, torch.Tensor], dict[str, bool]]) -> None:
-    state, modes = before
-    after = model.state_dict()
-    assert after.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(after[k], v), k
-    assert {n: m.training for n, m in model.named_modules()} == modes
 
 
 def unique_per_channel(w: torch.Tensor, layer: CompressedLayer) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -39,3 +41,9 @@ class Probe(Callback):
         self.fn = fn
         for hook in hooks:
             setattr(self, hook, lambda trainer, pl_module, *args, _h=hook: self.fn(trainer, pl_module, _h, *args))
+
+
+def outputs(model, x):
+    """The model's eval-mode output on ``x``, from a copy (the model's modes are left alone)."""
+    with torch.no_grad():
+        return copy.deepcopy(model).eval()(x)

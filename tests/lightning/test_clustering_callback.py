@@ -2,8 +2,6 @@
 the pipeline order does not depend on the callback order, clusters start at their epoch, zeros and cluster
 counts survive QAT, and a checkpoint resumes and reloads the whole pipeline."""
 
-import copy
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -14,7 +12,7 @@ from amct_torch.lightning import (MagnitudePruning, QuantizationAwareTraining, W
                                   load_compressed_checkpoint)
 from amct_torch.quant import ArqWeightQuantizer
 from amct_torch.sparsity import MaskStage
-from lightning_helpers import Probe, loaders, task, trainer
+from lightning_helpers import Probe, loaders, outputs, task, trainer
 
 PRUNE = MagnitudeConfig(sparsity=0.5, schedule="oneshot")
 CLUSTER = ClusterConfig(clusters=8)
@@ -24,11 +22,6 @@ def callbacks(order):
     made = {"prune": MagnitudePruning(PRUNE), "cluster": WeightClustering(CLUSTER, start_epoch=1),
             "qat": QuantizationAwareTraining(QatConfig(batch_num=1))}
     return [made[k] for k in order], made
-
-
-def outputs(model, x):
-    with torch.no_grad():
-        return copy.deepcopy(model).eval()(x)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,9 @@ from amct_torch import ConfigError, DecomposeConfig, QatConfig
 from amct_torch.lightning import (BlockwiseDistillation, QuantizationAwareTraining, TensorDecomposition,
                                   load_compressed_checkpoint)
 from amct_torch.nn import CompressedLayer
-from lightning_helpers import Probe, loaders, task, trainer
+from lightning_helpers import Probe, loaders, outputs, task, trainer
 
 HALF = DecomposeConfig(conv_method="tucker2", rank_selection="macs", macs_ratio=0.5)
-
-
-def outputs(model, x):
-    with torch.no_grad():
-        return copy.deepcopy(model).eval()(x)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,11 @@ from amct_torch.analysis import count_flops
 from amct_torch.lightning import ChannelPruning, MagnitudePruning, NMSparsity, load_pruned_checkpoint
 from amct_torch.sparsity import (ShrinkRecord, Schedule, apply_shrink_record, mask_stage, masked_layers, nm_layers,
                                  prune_channels)
-from lightning_helpers import Probe, loaders, task, trainer
+from lightning_helpers import Probe, loaders, outputs, task, trainer
 
 
 def masks(model):
     return {n: mask_stage(m).mask.clone() for n, m in masked_layers(model).items()}
-
-
-def outputs(model, x):
-    with torch.no_grad():
-        return copy.deepcopy(model).eval()(x)
 
 
 def assert_same_state(a, b):
